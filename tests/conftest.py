@@ -1,0 +1,28 @@
+import os
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import numpy as np
+import pytest
+
+
+def canonical_prior_draws(rng, n):
+    """Plain-numpy draws of the canonical PROVABGS prior (independent of sedflow_jax.prior)."""
+    u = rng.uniform(size=(n, 3))
+    beta = np.stack([1 - u[:, 0], u[:, 0] * (1 - u[:, 1]), u[:, 0] * u[:, 1] * (1 - u[:, 2]),
+                     u[:, 0] * u[:, 1] * u[:, 2]], axis=1)
+    lg = rng.uniform(np.log10(4.5e-5), np.log10(1.5e-2), size=(n, 2))
+    return np.column_stack([
+        rng.uniform(7, 12.5, n), beta, rng.uniform(0, 1, n), rng.uniform(0.01, 13.27, n),
+        10 ** lg, rng.uniform(0, 3, n), rng.uniform(0, 3, n), rng.uniform(-2, 1, n)])
+
+
+@pytest.fixture(scope="session")
+def model():
+    import sedflow_jax as sj
+
+    return sj.load_model(filters=["sdss_u", "sdss_g", "sdss_r", "sdss_i", "sdss_z",
+                                  "galex_fuv", "galex_nuv"])
+
+
+THETA0 = np.array([10.0, 0.25, 0.25, 0.25, 0.25, 0.1, 2.0, 1e-3, 1e-3, 0.5, 0.5, -0.3])
