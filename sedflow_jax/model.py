@@ -239,9 +239,19 @@ def _phot_kernel(theta, z, tabs: Tables, cfg: ModelConfig):
     """Nanomaggies (n_filters,) of one galaxy."""
     P = _parts(theta, z, tabs.nmf, cfg)
     lum = _rest_lum(theta, P, tabs.phot_ssp, cfg)
-    tm = photometry.transmission_matrix(z, tabs.phot)  # (n_w, n_f)
     log_scale = P.logm * jnp.log(10.0) + jnp.log1p(z) - 2.0 * jnp.log(P.dl_mpc)
-    return jnp.exp(log_scale + tabs.phot.log_k) * (lum @ tm)
+    return jnp.exp(log_scale + tabs.phot.log_k) * photometry.band_integrals(lum, z, tabs.phot)
+
+
+#: galaxies evaluated together inside a batch; keeps the per-galaxy SSP look-ups in cache (a
+#: plain vmap over 10^4+ galaxies is ~2x slower on CPU)
+BLOCK = 256
+
+
+def _phot_batch(theta, z, tabs: Tables, cfg: ModelConfig):
+    """Nanomaggies (n, n_filters) for theta (n, 12), z (n,): vmap in blocks of BLOCK galaxies."""
+    return jax.lax.map(lambda a: _phot_kernel(a[0], a[1], tabs, cfg), (theta, z),
+                       batch_size=BLOCK)
 
 
 def _sed_kernel(theta, z, tabs: Tables, full: SSPTables, cfg: ModelConfig, lsun_cgs):
@@ -316,12 +326,12 @@ class SEDModel:
         self.tables = Tables(
             nmf=nmf,
             phot_ssp=_ssp_tables(grid, wsl, cfg, self.dtype),
-            phot=photometry.phot_tables(grid.wave[wsl], self.filters, grid.lsun_cgs, self.dtype),
+            phot=photometry.phot_tables(grid.wave[wsl], self.filters, grid.lsun_cgs, cfg.z_max,
+                                         dtype=self.dtype),
             surv=jnp.asarray(surv, self.dtype),
         )
         self._full = None
-        self.phot_batch = jax.jit(jax.vmap(
-            functools.partial(_phot_kernel, cfg=cfg), in_axes=(0, 0, None)))
+        self.phot_batch = jax.jit(functools.partial(_phot_batch, cfg=cfg))
         self._derived_batch = jax.jit(jax.vmap(
             functools.partial(_derived_kernel, cfg=cfg), in_axes=(0, 0, None)))
 
