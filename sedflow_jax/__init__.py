@@ -5,6 +5,8 @@ global JAX configuration):
 
 - :func:`load_model` -> :class:`SEDModel` (photometry / sed / derived of the PROVABGS model)
 - :func:`load_ssp_grid`, :class:`SSPGrid` (the shipped BC03 grid, DSPS HDF5 FSPS grids)
+- :func:`simulate` (training sets), :func:`mock_catalog` (mock galaxies with known truths)
+- :func:`train_posterior` -> :class:`AmortizedPosterior` (sample / sample_batched / log_prob)
 """
 from __future__ import annotations
 
@@ -22,6 +24,15 @@ _LAZY = {
     "SSPGrid": "sedflow_jax.ssp",
     "load_filter": "sedflow_jax.photometry",
     "Filter": "sedflow_jax.photometry",
+    "simulate": "sedflow_jax.simulation",
+    "load_training_set": "sedflow_jax.simulation",
+    "mock_catalog": "sedflow_jax.catalog",
+    "read_photometry": "sedflow_jax.catalog",
+    "AmortizedPosterior": "sedflow_jax.posterior",
+    "train_posterior": "sedflow_jax.posterior",
+    "provabgs_prior": "sedflow_jax.prior",
+    "default_noise_model": "sedflow_jax.noise",
+    "fit_noise_model": "sedflow_jax.noise",
 }
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -145,6 +146,94 @@ def cmd_example(a):
     print(f"wrote {out / 'example_sed.png'}, example_sed.ecsv, example_galaxy.json")
 
 
+def cmd_simulate(a):
+    """Training set: prior -> photometry -> noise -> x, chunked to disk, resumable."""
+    from sedflow_jax import prior as P
+    from sedflow_jax.simulation import simulate
+
+    if a.n <= 0:
+        raise CLIError(f"--n must be > 0, got {a.n}")
+    pr = P.provabgs_prior(zmin=a.zmin, zmax=a.zmax) if a.prior == "provabgs" else \
+        P.default_nmf_prior(zmin=a.zmin, zmax=a.zmax)
+    import sedflow_jax as sj
+
+    model = sj.load_model(grid=a.grid, filters=a.filters, z_max=a.zmax)
+    res = simulate(a.seed, a.n, model, pr, out=a.out, chunk=a.chunk, overwrite=a.overwrite,
+                   include_flux=a.include_flux, progress=not a.quiet)
+    t = res.timings
+    print(f"{res.n_requested} rows -> {res.out}: kept {res.n_kept}, dropped {res.n_dropped} "
+          f"{res.dropped}; {t.get('galaxies_per_s', float('nan')):.0f} galaxies/s")
+
+
+def cmd_train(a):
+    """Train SEDflow's flow on a training-set folder."""
+    from sedflow_jax import flow as F
+    from sedflow_jax import train as T
+    from sedflow_jax.posterior import train_posterior
+
+    out = _out_dir(a.out, a.overwrite or a.resume)
+    fc = None
+    if a.preset == "paper":
+        fc = F.FlowConfig.paper()
+    elif a.blocks or a.hidden:
+        fc = F.FlowConfig.small(11, 11, seed=a.seed).replace(
+            **{k: v for k, v in (("n_blocks", a.blocks), ("hidden", a.hidden)) if v})
+    tc = T.TrainConfig(seed=a.seed, batch_size=a.batch_size, learning_rate=a.lr,
+                       patience=a.patience, max_epochs=a.max_epochs, progress=not a.quiet)
+    post, res = train_posterior(a.data, out, flow_config=fc, train_config=tc, seed=a.seed,
+                                resume=a.resume)
+    print(f"trained on {res.n_train} rows (val {res.n_val}); best epoch {res.best_epoch}, "
+          f"val loss {res.best_val_loss:.4f}; stopped early: {res.stopped_early}; -> {out}")
+
+
+def cmd_infer(a):
+    """Posterior samples and summaries for every usable row of a catalog."""
+    import jax
+    from astropy.table import Table, hstack
+
+    import sedflow_jax as sj
+    from sedflow_jax import catalog as C
+    from sedflow_jax.posterior import AmortizedPosterior, summarize
+
+    if Path(a.out).exists() and not a.overwrite:
+        raise CLIError(f"{a.out} exists (use --overwrite)")
+    post = AmortizedPosterior.load(a.model)
+    zr = (post.prior.zmin, post.prior.zmax)
+    ph = C.read_photometry(a.catalog, post.bands, z_range=zr)
+    x = C.to_conditioning(ph.flux, ph.sigma, ph.z)
+    use = ph.flag == 0
+    print(f"{len(use)} rows: {ph.counts['usable']} usable; flagged: "
+          + ", ".join(f"{k} {v}" for k, v in ph.counts.items() if k != "usable" and v))
+    key = jax.random.key(a.seed)
+    s = post.sample_batched(key, x[use], a.n_samples)
+    model = sj.load_model(filters=list(post.bands), z_max=max(zr[1], 1e-3))
+    summ = summarize(s, model=model, z=ph.z[use], n_derived=a.n_derived)
+    full = Table()
+    for col in summ.colnames:
+        v = np.asarray(summ[col])
+        arr = np.full((len(use),) + v.shape[1:], np.nan if v.dtype.kind == "f" else 0,
+                      dtype=v.dtype if v.dtype.kind != "b" else bool)
+        arr[use] = v
+        full[col] = arr
+    full["flag"] = ph.flag
+    full["ood"] |= (ph.flag & C.FLAG_Z_RANGE) > 0
+    keep_cols = [c for c in a.keep_columns if c in Table.read(a.catalog).colnames]
+    if keep_cols:
+        full = hstack([Table.read(a.catalog)[keep_cols], full])
+    full.meta.update({"model": str(a.model), "n_samples": a.n_samples, "seed": a.seed,
+                      "sedflow_jax_version": sj.__version__, "flag_counts": ph.counts})
+    full.write(a.out, overwrite=a.overwrite)
+    if a.samples:
+        import h5py
+
+        with h5py.File(a.samples, "w") as f:
+            f["theta"] = s.theta
+            f["rows"] = np.flatnonzero(use)
+            f.attrs["param_names"] = list(sj.PARAM_NAMES)
+    print(f"wrote {a.out}; mean acceptance {np.mean(s.acceptance):.3f}; "
+          f"low acceptance {int(s.low_acceptance.sum())}; out of support {int(s.ood.sum())}")
+
+
 def build_parser():
     ap = argparse.ArgumentParser(prog="sedflow-jax", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -167,18 +256,64 @@ def build_parser():
     p.add_argument("--output", help="write a table (format from the extension)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_photometry)
+
+    p = sub.add_parser("simulate", help="generate a SEDflow training set (chunked, resumable)")
+    _model_args(p)
+    p.add_argument("--n", type=int, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.add_argument("--chunk", type=int, default=100_000)
+    p.add_argument("--prior", choices=["provabgs", "default_nmf"], default="provabgs")
+    p.add_argument("--zmin", type=float, default=0.0)
+    p.add_argument("--zmax", type=float, default=0.2)
+    p.add_argument("--include-flux", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("train", help="train the SEDflow posterior on a training-set folder")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--preset", choices=["small", "paper"], default="small")
+    p.add_argument("--blocks", type=int, default=None)
+    p.add_argument("--hidden", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--patience", type=int, default=20)
+    p.add_argument("--max-epochs", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("infer", help="posteriors for a catalog (astropy Table in and out)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--catalog", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--samples", default=None, help="also write all samples to this HDF5 file")
+    p.add_argument("--n-samples", type=int, default=10_000)
+    p.add_argument("--n-derived", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep-columns", nargs="*", default=["id", "ID", "RA", "DEC", "z"])
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_infer)
     return ap
 
 
 def main(argv=None):
     from sedflow_jax.model import ModelInputError
     from sedflow_jax.photometry import FilterError
+    from sedflow_jax.catalog import CatalogError
     from sedflow_jax.ssp import SSPGridError
 
     a = build_parser().parse_args(argv)
     try:
         a.func(a)
-    except (CLIError, ModelInputError, FilterError, SSPGridError, FileNotFoundError) as exc:
+    except (CLIError, ModelInputError, FilterError, SSPGridError, CatalogError,
+            FileNotFoundError, PermissionError, NotADirectoryError, ValueError, KeyError) as exc:
+        if os.environ.get("SEDFLOW_JAX_DEBUG"):
+            raise
         print(f"sedflow-jax {a.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

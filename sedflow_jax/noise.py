@@ -553,7 +553,7 @@ def _bin_band(flux, smag, n_bins, min_per_bin, spread):
 
 
 def fit_noise_model(table, flux_cols, ivar_cols=None, bands=None, *, err_cols=None,
-                    n_bins: int = 20, min_per_bin: int = 25, spread: str = "std",
+                    n_bins: int = 20, min_per_bin: int = 25, spread: str = "mad",
                     extinction_col=None, zcol=None, zrange=None, flux_scale=1.0,
                     metadata: Optional[dict] = None) -> NoiseModel:
     """Fit the per-band sigma_mag(f) model to a catalog.

@@ -377,9 +377,13 @@ def sample(key, prior: Prior, n: int, dtype=jnp.float32, *, sampling_space: bool
 
 @functools.partial(jax.jit, static_argnames=("n", "dtype"))
 def sample_redshift(key, prior: Prior, n: int, dtype=jnp.float32):
-    """Draw n redshifts z ~ U(zmin, zmax). key: PRNG key; n: static int -> z: (n,)."""
+    """Draw n redshifts z ~ U(zmin, zmax] (never exactly zmin: the model needs z > 0).
+
+    key: PRNG key; n: static int -> z: (n,).
+    """
     _check_prior(prior)
-    return jax.random.uniform(key, (n,), dtype=dtype, minval=prior.zmin, maxval=prior.zmax)
+    u = jax.random.uniform(key, (n,), dtype=dtype)  # [0, 1)
+    return prior.zmax - (prior.zmax - prior.zmin) * u
 
 
 def log_prob_redshift(prior: Prior, z):

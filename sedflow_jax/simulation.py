@@ -1,0 +1,926 @@
+"""Chunked, resumable, bit-reproducible SEDflow training sets (design spec sections 9.1-9.2).
+
+Pipeline per galaxy (all in one jitted function, float32):
+
+1. ``s ~ prior`` in the 11-dim sampling space (:data:`sedflow_jax.prior.SAMPLING_NAMES`:
+   ``[logM, u1, u2, u3, fburst, tburst, log10 g1, log10 g2, tau_bc, tau_ism, n_dust]``, SEDflow's
+   ``thetas_unt`` -- the flow's target), ``theta = from_sampling(s)`` the physical 12-vector,
+   ``z ~ U(zmin, zmax)``;
+2. noiseless fluxes ``f`` [nanomaggies] in the model's filters (``model.phot_batch``);
+3. SEDflow's toy noise (:func:`sedflow_jax.noise.add_noise`): ``sigma_f`` and ``f_hat = f + n``;
+4. conditioning ``x = [mag_b..., sigma_mag_b..., z]`` with ``mag = 22.5 - 2.5 log10 f_hat`` and
+   ``sigma_mag = 2.5/ln10 * sigma_f / f_hat`` -- relative to the *noisy* flux, as a real catalog's
+   errors are (:func:`sedflow_jax.noise.sigma_flux_to_mag` of observed flux and error).
+
+Nothing is silently dropped. Every row gets a bit mask ``flags`` and a boolean ``keep``:
+
+=====  =========================  ==============================================================
+bit    reason                     meaning
+=====  =========================  ==============================================================
+1      ``model_flux_invalid``     a noiseless flux <= 0 or non-finite (or non-finite theta / z)
+2      ``sigma_nonpositive``      a drawn sigma_f <= 0 or non-finite (SEDflow's cut)
+4      ``out_of_range``           a noiseless flux outside the noise model's catalog flux range
+                                  (SEDflow's cut; only drops the row when ``range_cut=True``)
+8      ``noisy_flux_nonpositive`` a noisy flux <= 0: its magnitude is undefined (x holds NaN)
+16     ``x_nonfinite``            any other non-finite entry of x
+=====  =========================  ==============================================================
+
+``keep`` is True when no *active* flag is set. Drop counts are reported twice: ``dropped`` assigns
+each dropped row to its first reason in the order above (they sum to ``n_dropped``), ``flagged``
+counts every condition (overlapping; ``out_of_range`` is counted even with ``range_cut=False``).
+Dropped rows stay in the arrays; the readers filter on ``keep``.
+
+Determinism: randomness is derived per fixed-size **block** of ``block`` rows (default 4096,
+recorded in the manifest): block ``b`` uses ``jax.random.fold_in(key, b)`` and is evaluated by
+one compiled function of fixed shape, so a row's values depend only on (key, block, row in
+block) -- not on ``chunk``, on restarts, or on ``n`` (a run with a larger ``n`` extends a smaller
+one). A chunk (= one shard on disk) is a whole number of blocks; the last block is computed in
+full and trimmed, so nothing recompiles for the tail. Values are bit-identical on the same
+backend and JAX version (recorded in the manifest; a resume on a different one warns).
+
+Disk format (``out`` folder)::
+
+    manifest.json        seed; config (key data, n, block, prior, noise model, grid, filters,
+                         model config, sha256 of the model tables, ...); layout; shard list with
+                         row ranges, sha256, per-shard keep/drop counts and timings; totals;
+                         column names; versions
+    shard_00000.npz ...  np.savez (uncompressed), one per chunk of ``rows_per_shard`` rows:
+        theta    (m, 11) float32  the flow TARGET, sampling space (SAMPLING_NAMES) -- the key
+                                  sedflow_jax.train.NpzShards / fit(data=dict) read as 'theta'
+        theta12  (m, 12) float32  physical parameters (PARAM_NAMES)
+        x        (m, 2*n_bands+1) float32  conditioning, columns ``manifest['x_names']``
+        z        (m,) float32     redshift (also the last column of x)
+        keep     (m,) bool        use this row for training
+        flags    (m,) uint8       drop-reason bits (table above)
+        flux, sigma, flux_model   (m, n_bands) float32 nanomaggies, only with include_flux:
+                                  noisy flux, its sigma_f, and the noiseless model flux
+
+Shards and the manifest are written atomically (temporary file + ``os.replace``) and the manifest
+is rewritten after each shard, so a killed run leaves a consistent folder: calling
+:func:`simulate` again with the same arguments verifies the shards present (sha256), computes
+only the missing ones and ends bit-identical to an uninterrupted run. A folder holding a
+*different* configuration is refused unless ``overwrite=True``.
+
+Readers: :func:`load_training_set` (concatenated arrays, ``keep`` rows only by default),
+:func:`iter_shards`, :func:`read_manifest`, and :class:`ShardDataset`, a streaming data source
+over the kept rows for :func:`sedflow_jax.train.fit` (it does not import the trainer). Do not
+point ``train.NpzShards`` at raw shards: it would train on the dropped rows too.
+
+Public API: ``simulate``, ``SimulationResult``, ``load_training_set``, ``iter_shards``,
+``read_manifest``, ``ShardDataset``, ``x_names``, ``DROP_REASONS``, ``DEFAULT_BLOCK``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import glob
+import hashlib
+import io
+import json
+import math
+import os
+import platform
+import time
+import warnings
+from typing import Any, Iterator, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import noise as noise_mod
+from . import prior as prior_mod
+
+__all__ = [
+    "simulate",
+    "SimulationResult",
+    "load_training_set",
+    "iter_shards",
+    "read_manifest",
+    "ShardDataset",
+    "x_names",
+    "DROP_REASONS",
+    "DEFAULT_BLOCK",
+    "FORMAT",
+]
+
+FORMAT = "sedflow_jax.training_set"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+DEFAULT_BLOCK = 4096
+SHARD_PATTERN = "shard_{:05d}.npz"
+
+#: drop reasons in priority order; bit i of ``flags`` is reason i
+DROP_REASONS = (
+    "model_flux_invalid",
+    "sigma_nonpositive",
+    "out_of_range",
+    "noisy_flux_nonpositive",
+    "x_nonfinite",
+)
+_BIT = {r: 1 << i for i, r in enumerate(DROP_REASONS)}
+_MAG_PER_LN = 2.5 / math.log(10.0)
+
+#: names of the 12 physical parameters stored as 'theta12'
+THETA12_NAMES = tuple(prior_mod.PARAM_NAMES)
+#: names of the 11 flow-target coordinates stored as 'theta'
+THETA_NAMES = tuple(prior_mod.SAMPLING_NAMES)
+
+
+def x_names(bands) -> tuple:
+    """Column names of the conditioning x for these bands: mags, sigma_mags, then ``z``."""
+    bands = tuple(bands)
+    return tuple(f"mag_{b}" for b in bands) + tuple(f"sigma_mag_{b}" for b in bands) + ("z",)
+
+
+class SimulationResult(NamedTuple):
+    """What :func:`simulate` returns.
+
+    - ``out``: the output folder (absolute path), or None for an in-memory run.
+    - ``n_requested``, ``n_kept``, ``n_dropped``: row counts (kept + dropped = requested).
+    - ``dropped``: dict reason -> rows dropped for it (first reason, sums to ``n_dropped``).
+    - ``flagged``: dict reason -> rows with that condition (overlapping).
+    - ``timings``: this call's timings (seconds, rows computed, galaxies/s).
+    - ``manifest``: the manifest dict (also written to ``out/manifest.json``).
+    - ``complete``: False only when the run was stopped early (``_stop_after_shards``).
+    - in-memory runs only (None otherwise), all rows including dropped ones:
+      ``theta`` (n, 12) physical parameters, ``theta_s`` (n, 11) sampling-space target,
+      ``x`` (n, 2 n_b + 1), ``z`` (n,), ``keep`` (n,) bool, ``flags`` (n,) uint8, and with
+      ``include_flux`` ``flux``, ``sigma``, ``flux_model`` (n, n_b).
+    """
+
+    out: Optional[str]
+    n_requested: int
+    n_kept: int
+    n_dropped: int
+    dropped: dict
+    flagged: dict
+    timings: dict
+    manifest: dict
+    complete: bool = True
+    theta: Any = None
+    theta_s: Any = None
+    x: Any = None
+    z: Any = None
+    keep: Any = None
+    flags: Any = None
+    flux: Any = None
+    sigma: Any = None
+    flux_model: Any = None
+
+    def training_data(self) -> dict:
+        """``{'theta': theta_s[keep], 'x': x[keep]}`` for :func:`sedflow_jax.train.fit`
+        (in-memory runs; for folders use :func:`load_training_set` or :class:`ShardDataset`)."""
+        if self.theta_s is None:
+            raise ValueError("no arrays in memory: use load_training_set(result.out)")
+        return {"theta": self.theta_s[self.keep], "x": self.x[self.keep]}
+
+
+# ---------------------------------------------------------------------------------------------
+# the jitted block kernel
+# ---------------------------------------------------------------------------------------------
+class _Block(NamedTuple):
+    theta_s: Any  # (B, 11)
+    theta: Any  # (B, 12)
+    z: Any  # (B,)
+    x: Any  # (B, 2 nb + 1)
+    flags: Any  # (B,) uint8
+    flux_model: Any  # (B, nb)
+    flux: Any  # (B, nb)
+    sigma: Any  # (B, nb)
+
+
+@functools.partial(jax.jit, static_argnames=("phot", "prior", "block", "key_impl"))
+def _simulate_block(key_data, b, tables, noise, *, phot, prior, block, key_impl):
+    """Rows of block ``b``: every output depends only on (key, b, row within the block)."""
+    key = jax.random.wrap_key_data(key_data, impl=key_impl)
+    kb = jax.random.fold_in(key, b)
+    k_theta, k_z, k_noise = jax.random.split(kb, 3)
+    s = prior_mod.sample_sampling(k_theta, prior, block)
+    theta = prior_mod.from_sampling(s)
+    z = prior_mod.sample_redshift(k_z, prior, block)
+    f = phot(theta, z, tables)
+    noisy = noise_mod.add_noise(k_noise, noise, f, range_cut=False)
+    fhat, sig = noisy.flux, noisy.sigma
+    pos = fhat > 0
+    safe = jnp.where(pos, fhat, 1.0)
+    nan = jnp.asarray(jnp.nan, fhat.dtype)
+    mag = jnp.where(pos, 22.5 - 2.5 * jnp.log10(safe), nan)
+    smag = jnp.where(pos, _MAG_PER_LN * sig / safe, nan)
+    x = jnp.concatenate([mag, smag, z[:, None].astype(mag.dtype)], axis=-1)
+
+    model_ok = (jnp.all(jnp.isfinite(f) & (f > 0), axis=-1) & jnp.isfinite(z)
+                & jnp.all(jnp.isfinite(theta), axis=-1))
+    conds = (
+        ~model_ok,
+        ~noisy.sigma_ok,
+        ~noisy.in_range,
+        ~jnp.all(pos, axis=-1),
+        ~jnp.all(jnp.isfinite(x), axis=-1),
+    )
+    flags = jnp.zeros((block,), jnp.uint8)
+    for i, c in enumerate(conds):
+        flags = flags | (c.astype(jnp.uint8) << i)
+    return _Block(s, theta, z, x, flags, f, fhat, sig)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers: keys, config, counts, files
+# ---------------------------------------------------------------------------------------------
+def _normalize_key(key_or_seed):
+    """-> (seed int or None, key_data np.uint32 array, impl name)."""
+    if isinstance(key_or_seed, (bool, np.bool_)):
+        raise TypeError("key_or_seed must be an int seed or a jax.random key, not a bool")
+    if isinstance(key_or_seed, (int, np.integer)):
+        seed = int(key_or_seed)
+        k = jax.random.key(seed)
+        return seed, np.asarray(jax.random.key_data(k), np.uint32), str(jax.random.key_impl(k))
+    k = jnp.asarray(key_or_seed)
+    if jnp.issubdtype(k.dtype, jax.dtypes.prng_key):
+        if k.shape != ():
+            raise ValueError(f"expected a single PRNG key, got key array of shape {k.shape}")
+        return None, np.asarray(jax.random.key_data(k), np.uint32), str(jax.random.key_impl(k))
+    if k.dtype == jnp.uint32 and k.ndim == 1:  # legacy raw key (jax.random.PRNGKey)
+        return None, np.asarray(k, np.uint32), str(jax.config.jax_default_prng_impl)
+    raise TypeError(f"key_or_seed must be an int seed or a jax.random key; got {type(key_or_seed)} "
+                    f"with dtype {getattr(k, 'dtype', None)}")
+
+
+def _jsonable(o):
+    if isinstance(o, dict):
+        return {str(k): _jsonable(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_jsonable(v) for v in o]
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return _jsonable(o.tolist())
+    if isinstance(o, (str, int, float, bool)) or o is None:
+        return o
+    return str(o)
+
+
+def _canon(d) -> str:
+    return json.dumps(_jsonable(d), sort_keys=True, separators=(",", ":"), allow_nan=True)
+
+
+def _tables_sha256(tables) -> str:
+    h = hashlib.sha256()
+    for leaf in jax.tree_util.tree_leaves(tables):
+        a = np.asarray(leaf)
+        h.update(str((a.dtype.str, a.shape)).encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def _versions() -> dict:
+    from . import __version__
+
+    dev = jax.devices()[0]
+    return {
+        "sedflow_jax": __version__,
+        "jax": jax.__version__,
+        "jaxlib": _pkg_version("jaxlib"),
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "backend": jax.default_backend(),
+        "device": getattr(dev, "device_kind", str(dev)),
+    }
+
+
+def _pkg_version(name):
+    try:
+        from importlib.metadata import version
+
+        return version(name)
+    except Exception:  # pragma: no cover
+        return None
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _counts(flags: np.ndarray, keep: np.ndarray, keep_bits: int) -> dict:
+    """Per-row flags -> counts: ``dropped`` by first *active* reason, ``flagged`` overlapping."""
+    flags = np.asarray(flags, np.uint8)
+    flagged = {r: int(np.count_nonzero(flags & _BIT[r])) for r in DROP_REASONS}
+    dropped = {}
+    rest = ~np.asarray(keep, bool)
+    for r in DROP_REASONS:
+        hit = rest & ((flags & (_BIT[r] & keep_bits)) != 0)
+        dropped[r] = int(np.count_nonzero(hit))
+        rest = rest & ~hit
+    return {"n_rows": int(flags.size), "n_kept": int(np.count_nonzero(keep)),
+            "n_dropped": int(flags.size - np.count_nonzero(keep)),
+            "dropped": dropped, "flagged": flagged}
+
+
+def _sum_counts(items) -> dict:
+    tot = {"n_rows": 0, "n_kept": 0, "n_dropped": 0,
+           "dropped": {r: 0 for r in DROP_REASONS}, "flagged": {r: 0 for r in DROP_REASONS}}
+    for c in items:
+        for k in ("n_rows", "n_kept", "n_dropped"):
+            tot[k] += int(c[k])
+        for k in ("dropped", "flagged"):
+            for r in DROP_REASONS:
+                tot[k][r] += int(c[k].get(r, 0))
+    return tot
+
+
+def _keep_mask(range_cut: bool) -> int:
+    m = 0
+    for r in DROP_REASONS:
+        if r == "out_of_range" and not range_cut:
+            continue
+        m |= _BIT[r]
+    return m
+
+
+def _sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write_bytes(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _write_manifest(folder: str, manifest: dict) -> None:
+    data = json.dumps(_jsonable(manifest), indent=1, allow_nan=True).encode() + b"\n"
+    _atomic_write_bytes(os.path.join(folder, MANIFEST_NAME), data)
+
+
+def read_manifest(path) -> dict:
+    """The manifest dict of a training-set folder (or of a ``manifest.json`` path)."""
+    path = os.fspath(path)
+    mpath = path if os.path.basename(path) == MANIFEST_NAME else os.path.join(path, MANIFEST_NAME)
+    if not os.path.isfile(mpath):
+        raise FileNotFoundError(f"no {MANIFEST_NAME} in {os.path.dirname(mpath) or '.'}: not a "
+                                "training set written by sedflow_jax.simulation.simulate")
+    with open(mpath) as fh:
+        m = json.load(fh)
+    if m.get("format") != FORMAT:
+        raise ValueError(f"{mpath}: not a {FORMAT} manifest (format={m.get('format')!r})")
+    if int(m.get("format_version", 0)) > FORMAT_VERSION:
+        raise ValueError(f"{mpath}: format version {m['format_version']} is newer than this "
+                         f"package supports ({FORMAT_VERSION})")
+    return m
+
+
+def _prepare_out(out) -> str:
+    """Create the folder and prove it is writable (before any computation)."""
+    folder = os.path.abspath(os.fspath(out))
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise NotADirectoryError(f"simulate(out={out!r}): exists and is not a folder")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write-test-{os.getpid()}")
+        with open(probe, "wb") as fh:
+            fh.write(b"ok")
+        os.remove(probe)
+    except OSError as e:
+        raise PermissionError(f"simulate(out={out!r}): the output folder cannot be created or "
+                              f"written ({e.__class__.__name__}: {e})") from e
+    return folder
+
+
+def _our_files(folder: str):
+    pats = ("shard_*.npz", "shard_*.npz.tmp-*", MANIFEST_NAME, MANIFEST_NAME + ".tmp-*")
+    out = []
+    for p in pats:
+        out.extend(glob.glob(os.path.join(folder, p)))
+    return sorted(set(out))
+
+
+def _config_diff(a: dict, b: dict) -> list:
+    keys = sorted(set(a) | set(b))
+    return [k for k in keys if _canon(a.get(k)) != _canon(b.get(k))]
+
+
+def _resolve_inputs(model, prior, noise):
+    if prior is None:
+        prior = prior_mod.provabgs_prior()
+    if not isinstance(prior, prior_mod.Prior):
+        raise TypeError(f"prior must be a sedflow_jax.prior.Prior, got {type(prior).__name__}")
+    if prior.zmin < 0:
+        raise ValueError(f"the redshift prior must be >= 0, got {prior.redshift}")
+    if model is None:
+        from .model import load_model
+
+        model = load_model(z_max=prior.zmax)
+    for attr in ("phot_batch", "tables", "filter_names", "config", "grid"):
+        if not hasattr(model, attr):
+            raise TypeError(f"model must be a sedflow_jax.model.SEDModel (no .{attr})")
+    if model.config.z_max < prior.zmax:
+        raise ValueError(f"the prior reaches z = {prior.zmax} but the model only accepts "
+                         f"z <= {model.config.z_max}; use load_model(z_max={prior.zmax})")
+    bands = tuple(model.filter_names)
+    if noise is None:
+        noise = noise_mod.default_noise_model(bands)
+    elif not isinstance(noise, noise_mod.NoiseModel):
+        raise TypeError(f"noise must be a sedflow_jax.noise.NoiseModel, got {type(noise).__name__}")
+    elif tuple(noise.bands) != bands:
+        noise = noise.select(bands)  # KeyError naming the missing bands
+    return model, prior, noise
+
+
+def _build_config(*, key_data, key_impl, n, block, range_cut, include_flux, model, prior,
+                  noise) -> dict:
+    return {
+        "key_data": [int(v) for v in key_data.ravel()],
+        "key_impl": key_impl,
+        "threefry_partitionable": bool(jax.config.jax_threefry_partitionable),
+        "n": int(n),
+        "block": int(block),
+        "range_cut": bool(range_cut),
+        "include_flux": bool(include_flux),
+        "prior": dataclasses.asdict(prior),
+        "noise_model": noise.to_dict(),
+        "grid": {"name": model.grid.name, "provenance": model.grid.provenance},
+        "filters": list(model.filter_names),
+        "model_config": dataclasses.asdict(model.config),
+        "model_tables_sha256": _tables_sha256(model.tables),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# simulate
+# ---------------------------------------------------------------------------------------------
+def simulate(key_or_seed, n, model=None, prior=None, noise=None, *, out=None, chunk=100_000,
+             block: int = DEFAULT_BLOCK, include_flux: bool = False, overwrite: bool = False,
+             range_cut: bool = True, progress: bool = True,
+             _stop_after_shards: Optional[int] = None) -> SimulationResult:
+    """Simulate a SEDflow training set of ``n`` galaxies (prior -> photometry -> noise -> x).
+
+    Args:
+        key_or_seed: int seed or a ``jax.random`` key (typed or legacy raw). Same key -> same rows.
+        n: number of rows (> 0); dropped rows are flagged and counted, not removed.
+        model: :class:`sedflow_jax.model.SEDModel` (default ``load_model(z_max=prior.zmax)``,
+            SDSS ugriz); its ``config.z_max`` must reach the prior's zmax.
+        prior: :class:`sedflow_jax.prior.Prior` (default :func:`~sedflow_jax.prior.provabgs_prior`).
+        noise: :class:`sedflow_jax.noise.NoiseModel` (default ``default_noise_model(model's
+            filters)``); restricted/reordered to the model's filters.
+        out: folder to write (see module docstring); None keeps the arrays in memory.
+        chunk: rows per shard (and per progress step), rounded up to a multiple of ``block``.
+            Has no influence on the values. When resuming, the folder's shard size is used.
+        block: rows per random block and per compiled call (part of the configuration: a
+            different ``block`` gives different rows). 4096 suits CPUs; larger blocks (e.g.
+            65536) use a GPU better.
+        include_flux: also store noisy ``flux``, ``sigma`` and noiseless ``flux_model``
+            (nanomaggies).
+        overwrite: replace a folder holding a different (or any) configuration instead of
+            refusing / resuming. Only this module's files are removed.
+        range_cut: drop rows whose noiseless flux lies outside the noise model's catalog range
+            (SEDflow); when False such rows are kept but still counted in ``flagged``.
+        progress: tqdm bar over rows (galaxies/s).
+
+    Returns:
+        :class:`SimulationResult`.
+
+    Raises:
+        ValueError: n <= 0, bad chunk/block, a model that cannot reach the prior's redshifts,
+            or ``out`` holding a different configuration (without ``overwrite``).
+        PermissionError / NotADirectoryError: ``out`` cannot be created or written (checked
+            before anything is computed).
+    """
+    t_start = time.perf_counter()
+    # -- argument checks (cheap, before anything else) ---------------------------------------
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer, float)):
+        raise TypeError(f"n must be an integer, got {type(n).__name__}")
+    if isinstance(n, float):
+        if not n.is_integer():
+            raise ValueError(f"n must be a whole number, got {n}")
+        n = int(n)
+    n = int(n)
+    if n <= 0:
+        raise ValueError(f"n must be > 0, got {n}")
+    block = int(block)
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+    chunk = int(chunk)
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    seed, key_data, key_impl = _normalize_key(key_or_seed)
+    folder = _prepare_out(out) if out is not None else None
+
+    # -- inputs and configuration ------------------------------------------------------------
+    model, prior, noise = _resolve_inputs(model, prior, noise)
+    bands = tuple(model.filter_names)
+    config = _build_config(key_data=key_data, key_impl=key_impl, n=n, block=block,
+                           range_cut=range_cut, include_flux=include_flux, model=model,
+                           prior=prior, noise=noise)
+    config = json.loads(json.dumps(_jsonable(config)))  # exactly what the manifest holds
+    config_sha = hashlib.sha256(_canon(config).encode()).hexdigest()
+    env = _versions()
+    rows_per_shard = max(1, math.ceil(chunk / block)) * block
+
+    # -- existing folder: resume, refuse or clear --------------------------------------------
+    old = None
+    if folder is not None:
+        mpath = os.path.join(folder, MANIFEST_NAME)
+        if os.path.exists(mpath) and not overwrite:
+            try:
+                old = read_manifest(folder)
+            except (ValueError, json.JSONDecodeError) as e:
+                raise ValueError(f"{folder} holds an unreadable manifest ({e}); pass "
+                                 "overwrite=True to replace it") from e
+            diff = _config_diff(old.get("config", {}), config)
+            if diff:
+                raise ValueError(
+                    f"{folder} already holds a training set with a different configuration "
+                    f"(differs in: {', '.join(diff)}). Use another folder, or overwrite=True to "
+                    "replace it.")
+            if int(old["layout"]["rows_per_shard"]) != rows_per_shard:
+                warnings.warn(
+                    f"resuming {folder}: keeping its shard size of "
+                    f"{old['layout']['rows_per_shard']} rows (chunk={chunk} requested); values "
+                    "are the same either way",
+                    stacklevel=2)
+                rows_per_shard = int(old["layout"]["rows_per_shard"])
+            oenv = old.get("environment", {})
+            for k in ("jax", "jaxlib", "backend"):
+                if oenv.get(k) != env.get(k):
+                    warnings.warn(f"resuming {folder} written with {k}={oenv.get(k)!r}, now "
+                                  f"{env.get(k)!r}: new shards may not be bit-identical to the "
+                                  "old ones", stacklevel=2)
+        else:
+            stale = _our_files(folder)
+            if stale and not overwrite:
+                raise ValueError(f"{folder} holds shard files but no manifest; pass "
+                                 "overwrite=True to replace them, or use another folder")
+            for p in stale:
+                os.remove(p)
+        for p in glob.glob(os.path.join(folder, "*.tmp-*")):  # leftovers of a killed run
+            if os.path.basename(p).startswith(("shard_", MANIFEST_NAME)):
+                os.remove(p)
+
+    n_shards = math.ceil(n / rows_per_shard)
+    plan = []
+    for s in range(n_shards):
+        r0 = s * rows_per_shard
+        r1 = min(n, r0 + rows_per_shard)
+        plan.append({"index": s, "file": SHARD_PATTERN.format(s), "row_start": r0,
+                     "row_stop": r1, "block_start": r0 // block,
+                     "block_stop": math.ceil(r1 / block)})
+
+    shards = [None] * n_shards
+    if old is not None:
+        for e in old.get("shards", []):
+            i = int(e["index"])
+            if i >= n_shards or e["row_start"] != plan[i]["row_start"] or \
+                    e["row_stop"] != plan[i]["row_stop"]:
+                continue
+            p = os.path.join(folder, e["file"])
+            if os.path.isfile(p) and _sha256_file(p) == e.get("sha256"):
+                shards[i] = e
+    todo = [p for p in plan if shards[p["index"]] is None]
+
+    created = old.get("created") if old is not None else _now()
+    keep_bits = _keep_mask(range_cut)
+    sessions = list(old.get("sessions", [])) if old is not None else []
+    session = {"started": _now(), "rows_computed": 0, "wall_s": 0.0, "environment": env}
+    sessions.append(session)
+
+    def manifest_now(complete: bool) -> dict:
+        return _jsonable(_manifest(complete))
+
+    def _manifest(complete: bool) -> dict:
+        done = [e for e in shards if e is not None]
+        tot = _sum_counts(e["counts"] for e in done)
+        comp = sum(e["timing"]["compute_s"] for e in done)
+        wr = sum(e["timing"]["write_s"] for e in done)
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "complete": complete,
+            "created": created,
+            "updated": _now(),
+            "config": config,
+            "config_sha256": config_sha,
+            "seed": seed,
+            "n": n,
+            "layout": {"block": block, "rows_per_shard": rows_per_shard, "n_shards": n_shards,
+                       "chunk_requested": chunk},
+            "shards": done,
+            "n_rows_done": tot["n_rows"],
+            "n_kept": tot["n_kept"],
+            "n_dropped": tot["n_dropped"],
+            "dropped": tot["dropped"],
+            "flagged": tot["flagged"],
+            "drop_reasons": {r: _BIT[r] for r in DROP_REASONS},
+            "keep_rule": f"keep = (flags & {keep_bits}) == 0",
+            "timings": {"compute_s": comp, "write_s": wr,
+                        "galaxies_per_s_compute": tot["n_rows"] / comp if comp > 0 else None},
+            "sessions": sessions,
+            "bands": list(bands),
+            "theta_names": list(THETA_NAMES),
+            "theta12_names": list(THETA12_NAMES),
+            "x_names": list(x_names(bands)),
+            "arrays": {
+                "theta": "(m, 11) float32 flow target, sampling space (theta_names)",
+                "theta12": "(m, 12) float32 physical parameters (theta12_names)",
+                "x": "(m, 2*n_bands+1) float32 conditioning (x_names): mag = 22.5 - 2.5 log10 "
+                     "f_noisy; sigma_mag = 2.5/ln10 sigma_f / f_noisy; z",
+                "z": "(m,) float32 redshift",
+                "keep": "(m,) bool training rows",
+                "flags": "(m,) uint8 drop-reason bits (drop_reasons)",
+                **({"flux": "(m, n_bands) float32 noisy flux [nanomaggies]",
+                    "sigma": "(m, n_bands) float32 sigma_f [nanomaggies]",
+                    "flux_model": "(m, n_bands) float32 noiseless flux [nanomaggies]"}
+                   if include_flux else {}),
+            },
+            "environment": env,
+        }
+
+    # -- compute ---------------------------------------------------------------------------
+    kd = jnp.asarray(key_data)
+    statics = dict(phot=model.phot_batch, prior=prior, block=block, key_impl=key_impl)
+
+    def dispatch(p, first=None):
+        outs = [] if first is None else [first]
+        for b in range(p["block_start"] + len(outs), p["block_stop"]):
+            outs.append(_simulate_block(kd, np.uint32(b), model.tables, noise, **statics))
+        return outs
+
+    def gather(p, outs):
+        host = jax.device_get(outs)
+        cat = {f: np.concatenate([getattr(h, f) for h in host]) for f in _Block._fields}
+        off = p["row_start"] - p["block_start"] * block
+        m = p["row_stop"] - p["row_start"]
+        return {k: v[off:off + m] for k, v in cat.items()}
+
+    def write_shard(p, arrs, keep, flags) -> dict:
+        payload = {"theta": arrs["theta_s"], "theta12": arrs["theta"], "x": arrs["x"],
+                   "z": arrs["z"], "keep": keep, "flags": flags}
+        if include_flux:
+            payload.update(flux=arrs["flux"], sigma=arrs["sigma"], flux_model=arrs["flux_model"])
+        buf = io.BytesIO()
+        np.savez(buf, **payload)
+        data = buf.getvalue()
+        _atomic_write_bytes(os.path.join(folder, p["file"]), data)
+        return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+    mem = {f: [] for f in (*_Block._fields, "keep")} if folder is None else None
+    pbar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        done_rows = sum(e["row_stop"] - e["row_start"] for e in shards if e is not None)
+        pbar = tqdm(total=n, initial=done_rows, unit="gal", unit_scale=True, desc="simulate",
+                    smoothing=0.1)
+    if folder is not None and old is None:
+        _write_manifest(folder, manifest_now(complete=False))
+
+    t_setup = time.perf_counter() - t_start
+    t_first = None
+    t_wait = t_write = 0.0
+    rows_computed = 0
+    stopped = False
+    t_loop = time.perf_counter()
+    try:
+        pending = None
+        if todo:
+            # the first block alone, synchronously: its time is mostly compilation
+            t0 = time.perf_counter()
+            first = jax.block_until_ready(_simulate_block(
+                kd, np.uint32(todo[0]["block_start"]), model.tables, noise, **statics))
+            t_first = time.perf_counter() - t0
+            pending = dispatch(todo[0], first)
+        for j, p in enumerate(todo):
+            t0 = time.perf_counter()
+            arrs = gather(p, pending)
+            # keep the device busy while the host writes this shard
+            pending = dispatch(todo[j + 1]) if j + 1 < len(todo) else None
+            t_compute = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            flags = arrs["flags"]
+            keep = (flags & keep_bits) == 0
+            counts = _counts(flags, keep, keep_bits)
+            m = p["row_stop"] - p["row_start"]
+            entry = {k: p[k] for k in ("index", "file", "row_start", "row_stop")}
+            entry.update(n_rows=m, counts=counts,
+                         timing={"compute_s": t_compute, "write_s": 0.0})
+            if folder is None:
+                for f in _Block._fields:
+                    mem[f].append(arrs[f])
+                mem["keep"].append(keep)
+            else:
+                entry.update(write_shard(p, arrs, keep, flags))
+            shards[p["index"]] = entry
+            rows_computed += m
+            if folder is not None:
+                session["rows_computed"] = rows_computed
+                session["wall_s"] = time.perf_counter() - t_start
+                entry["timing"]["write_s"] = time.perf_counter() - t1
+                _write_manifest(folder, manifest_now(complete=all(e is not None for e in shards)))
+            t_wait += t_compute
+            t_write += time.perf_counter() - t1
+            if pbar is not None:
+                pbar.update(m)
+            if _stop_after_shards is not None and j + 1 >= int(_stop_after_shards) \
+                    and j + 1 < len(todo):
+                stopped = True
+                break
+    finally:
+        if pbar is not None:
+            pbar.close()
+    t_end = time.perf_counter()
+    loop_s = t_end - t_loop
+
+    complete = all(e is not None for e in shards)
+    session["rows_computed"] = rows_computed
+    session["wall_s"] = t_end - t_start
+    manifest = manifest_now(complete=complete)
+    if folder is None:
+        manifest["shards"] = []  # no files
+    elif rows_computed == 0 and old is not None and old.get("complete") == complete:
+        manifest = old  # nothing to do: leave the folder untouched
+    else:
+        _write_manifest(folder, manifest)
+
+    timings = {
+        "setup_s": t_setup,
+        "first_block_s": t_first,
+        "compute_wait_s": t_wait,
+        "write_s": t_write,
+        "loop_s": loop_s,
+        "total_s": t_end - t_start,
+        "rows_computed": rows_computed,
+        "galaxies_per_s": rows_computed / loop_s if rows_computed and loop_s > 0 else None,
+    }
+    tot = {"n_kept": manifest["n_kept"], "n_dropped": manifest["n_dropped"],
+           "dropped": manifest["dropped"], "flagged": manifest["flagged"]}
+    arrays = {}
+    if folder is None:
+        cat = {f: np.concatenate(v) for f, v in mem.items()}
+        arrays = dict(theta=cat["theta"], theta_s=cat["theta_s"], x=cat["x"], z=cat["z"],
+                      keep=cat["keep"], flags=cat["flags"])
+        if include_flux:
+            arrays.update(flux=cat["flux"], sigma=cat["sigma"], flux_model=cat["flux_model"])
+    return SimulationResult(
+        out=folder, n_requested=n, n_kept=int(tot["n_kept"]), n_dropped=int(tot["n_dropped"]),
+        dropped=dict(tot["dropped"]), flagged=dict(tot["flagged"]), timings=timings,
+        manifest=manifest, complete=complete and not stopped, **arrays)
+
+
+# ---------------------------------------------------------------------------------------------
+# readers
+# ---------------------------------------------------------------------------------------------
+def _read_shard(folder: str, entry: dict, verify: bool) -> dict:
+    path = os.path.join(folder, entry["file"])
+    with open(path, "rb") as fh:
+        data = fh.read()
+    if verify and hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise ValueError(f"{path}: sha256 does not match the manifest (corrupt or replaced "
+                         "file); re-run simulate(...) with the same arguments to repair it")
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        arrs = {k: z[k] for k in z.files}
+    if arrs["keep"].shape[0] != entry["row_stop"] - entry["row_start"]:
+        raise ValueError(f"{path}: {arrs['keep'].shape[0]} rows, manifest says "
+                         f"{entry['row_stop'] - entry['row_start']}")
+    return arrs
+
+
+def _checked_manifest(path, allow_incomplete):
+    folder = os.path.abspath(os.fspath(path))
+    m = read_manifest(folder)
+    if not m.get("complete") and not allow_incomplete:
+        raise ValueError(f"{folder}: the training set is incomplete ({m.get('n_rows_done')} of "
+                         f"{m.get('n')} rows); finish it by calling simulate(...) again with the "
+                         "same arguments, or pass allow_incomplete=True")
+    return folder, m
+
+
+def iter_shards(path, *, keep_only: bool = False, verify: bool = True,
+                allow_incomplete: bool = False) -> Iterator[dict]:
+    """Yield one dict of arrays per shard, in row order.
+
+    Keys as stored (``theta`` (m, 11) target, ``theta12``, ``x``, ``z``, ``keep``, ``flags``,
+    and ``flux``/``sigma``/``flux_model`` if present) plus ``row`` (m,) int64, the global row
+    index. ``keep_only`` drops the rows with ``keep == False``; ``verify`` checks each file's
+    sha256 against the manifest.
+    """
+    folder, m = _checked_manifest(path, allow_incomplete)
+    for e in sorted(m["shards"], key=lambda e: e["row_start"]):
+        arrs = _read_shard(folder, e, verify)
+        arrs["row"] = np.arange(e["row_start"], e["row_stop"], dtype=np.int64)
+        if keep_only:
+            k = arrs["keep"]
+            arrs = {name: a[k] for name, a in arrs.items()}
+        yield arrs
+
+
+def load_training_set(path, *, keep_only: bool = True, verify: bool = True,
+                      allow_incomplete: bool = False) -> dict:
+    """All shards of a training-set folder concatenated (see :func:`iter_shards`).
+
+    With ``keep_only`` (default) only training rows are returned, so the result can go straight
+    to ``sedflow_jax.train.fit(..., data=load_training_set(path))``: ``'theta'`` is the 11-dim
+    sampling-space target and ``'x'`` the conditioning. ``'theta12'`` holds the physical
+    parameters.
+    """
+    parts = list(iter_shards(path, keep_only=keep_only, verify=verify,
+                             allow_incomplete=allow_incomplete))
+    if not parts:
+        raise ValueError(f"{path}: no shards written yet")
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+class ShardDataset:
+    """Streaming training data over the *kept* rows of a training-set folder.
+
+    Implements the data-source protocol of :func:`sedflow_jax.train.fit` (attributes ``n``,
+    ``d_theta``, ``d_context``, ``__len__`` and ``iter_batches(rng, batch_size, rows)``) without
+    importing the trainer: ``theta`` is the 11-dim sampling-space target, ``x`` the
+    conditioning. Only the manifest is read up front (and, with ``verify``, every file is hashed
+    once against it); a shuffled pass visits the shards
+    in random order, ``buffer_shards`` at a time, so about that many shards are in memory.
+
+    ``rows`` passed to ``iter_batches`` is a boolean mask over the ``n`` kept rows (in storage
+    order), as ``fit`` builds for its train/validation split.
+    """
+
+    def __init__(self, path, *, buffer_shards: int = 2, verify: bool = True,
+                 allow_incomplete: bool = False):
+        self.folder, self.manifest = _checked_manifest(path, allow_incomplete)
+        self.entries = sorted(self.manifest["shards"], key=lambda e: e["row_start"])
+        if not self.entries:
+            raise ValueError(f"{path}: no shards written yet")
+        if verify:  # once, up front; later reads trust the files
+            for e in self.entries:
+                p = os.path.join(self.folder, e["file"])
+                if _sha256_file(p) != e["sha256"]:
+                    raise ValueError(f"{p}: sha256 does not match the manifest (corrupt or "
+                                     "replaced file); re-run simulate(...) to repair it")
+        counts = [int(e["counts"]["n_kept"]) for e in self.entries]
+        self.counts = np.asarray(counts, np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(self.counts)])
+        self.n = int(self.offsets[-1])
+        self.d_theta = len(self.manifest["theta_names"])
+        self.d_context = len(self.manifest["x_names"])
+        self.buffer_shards = max(1, int(buffer_shards))
+        self.theta_names = tuple(self.manifest["theta_names"])
+        self.x_names = tuple(self.manifest["x_names"])
+
+    def __len__(self):
+        return self.n
+
+    def _load(self, i: int):
+        arrs = _read_shard(self.folder, self.entries[i], verify=False)
+        k = arrs["keep"]
+        theta = np.asarray(arrs["theta"][k], np.float32)
+        x = np.asarray(arrs["x"][k], np.float32)
+        if theta.shape[0] != self.counts[i]:
+            raise ValueError(f"{self.entries[i]['file']}: {theta.shape[0]} kept rows, manifest "
+                             f"says {self.counts[i]}")
+        return theta, x
+
+    def arrays(self):
+        """All kept rows in memory: ``(theta (n, 11), x (n, d_context))``."""
+        ts, xs = zip(*(self._load(i) for i in range(len(self.entries))))
+        return np.concatenate(ts), np.concatenate(xs)
+
+    def iter_batches(self, rng, batch_size, rows):
+        rows = np.asarray(rows, bool)
+        if rows.shape != (self.n,):
+            raise ValueError(f"rows must be a boolean mask of shape ({self.n},), got {rows.shape}")
+        order = np.arange(len(self.entries)) if rng is None else rng.permutation(len(self.entries))
+        buf = self.buffer_shards if rng is not None else 1
+        carry_t = np.zeros((0, self.d_theta), np.float32)
+        carry_x = np.zeros((0, self.d_context), np.float32)
+        for s in range(0, len(order), buf):
+            ts, xs = [carry_t], [carry_x]
+            for i in order[s:s + buf]:
+                sel = rows[self.offsets[i]:self.offsets[i + 1]]
+                if not sel.any():
+                    continue
+                t, x = self._load(int(i))
+                ts.append(t[sel])
+                xs.append(x[sel])
+            t = np.concatenate(ts)
+            x = np.concatenate(xs)
+            if rng is not None:
+                p = rng.permutation(t.shape[0])
+                t, x = t[p], x[p]
+            nfull = (t.shape[0] // batch_size) * batch_size
+            for b in range(0, nfull, batch_size):
+                yield t[b:b + batch_size], x[b:b + batch_size]
+            carry_t, carry_x = t[nfull:], x[nfull:]
+        if carry_t.shape[0]:
+            yield carry_t, carry_x
