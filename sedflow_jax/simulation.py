@@ -89,6 +89,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .batching import buffered_batches
+
 from . import noise as noise_mod
 from . import prior as prior_mod
 
@@ -900,27 +902,5 @@ class ShardDataset:
         rows = np.asarray(rows, bool)
         if rows.shape != (self.n,):
             raise ValueError(f"rows must be a boolean mask of shape ({self.n},), got {rows.shape}")
-        order = np.arange(len(self.entries)) if rng is None else rng.permutation(len(self.entries))
-        buf = self.buffer_shards if rng is not None else 1
-        carry_t = np.zeros((0, self.d_theta), np.float32)
-        carry_x = np.zeros((0, self.d_context), np.float32)
-        for s in range(0, len(order), buf):
-            ts, xs = [carry_t], [carry_x]
-            for i in order[s:s + buf]:
-                sel = rows[self.offsets[i]:self.offsets[i + 1]]
-                if not sel.any():
-                    continue
-                t, x = self._load(int(i))
-                ts.append(t[sel])
-                xs.append(x[sel])
-            t = np.concatenate(ts)
-            x = np.concatenate(xs)
-            if rng is not None:
-                p = rng.permutation(t.shape[0])
-                t, x = t[p], x[p]
-            nfull = (t.shape[0] // batch_size) * batch_size
-            for b in range(0, nfull, batch_size):
-                yield t[b:b + batch_size], x[b:b + batch_size]
-            carry_t, carry_x = t[nfull:], x[nfull:]
-        if carry_t.shape[0]:
-            yield carry_t, carry_x
+        return buffered_batches(self._load, self.offsets, np.asarray(rows, bool), rng,
+                                batch_size, self.buffer_shards, self.d_theta, self.d_context)

@@ -42,6 +42,7 @@ import optax
 from flax import nnx
 from flax import serialization
 
+from .batching import buffered_batches
 from .flow import Flow, FlowConfig, ZScoreStats, init_flow
 
 __all__ = [
@@ -250,30 +251,8 @@ class NpzShards:
         return theta, x
 
     def iter_batches(self, rng, batch_size, rows):
-        order = np.arange(len(self.paths)) if rng is None else rng.permutation(len(self.paths))
-        buf = self.buffer_shards if rng is not None else 1
-        carry_t = np.zeros((0, self.d_theta), np.float32)
-        carry_x = np.zeros((0, self.d_context), np.float32)
-        for s in range(0, len(order), buf):
-            ts, xs = [carry_t], [carry_x]
-            for i in order[s:s + buf]:
-                sel = rows[self.offsets[i]:self.offsets[i + 1]]
-                if not sel.any():
-                    continue
-                t, x = self._load(int(i))
-                ts.append(t[sel])
-                xs.append(x[sel])
-            t = np.concatenate(ts)
-            x = np.concatenate(xs)
-            if rng is not None:
-                p = rng.permutation(t.shape[0])
-                t, x = t[p], x[p]
-            nfull = (t.shape[0] // batch_size) * batch_size
-            for b in range(0, nfull, batch_size):
-                yield t[b:b + batch_size], x[b:b + batch_size]
-            carry_t, carry_x = t[nfull:], x[nfull:]
-        if carry_t.shape[0]:
-            yield carry_t, carry_x
+        return buffered_batches(self._load, self.offsets, np.asarray(rows, bool), rng,
+                                batch_size, self.buffer_shards, self.d_theta, self.d_context)
 
 
 def _as_source(data) -> DataSource:
