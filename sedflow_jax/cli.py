@@ -234,6 +234,48 @@ def cmd_infer(a):
           f"low acceptance {int(s.low_acceptance.sum())}; out of support {int(s.ood.sum())}")
 
 
+def cmd_validate(a):
+    """p-p / SBC calibration of a trained model on fresh mock galaxies."""
+    from sedflow_jax.posterior import AmortizedPosterior
+    from sedflow_jax.validation import validate_posterior
+
+    out = _out_dir(a.out, a.overwrite)
+    post = AmortizedPosterior.load(a.model)
+    res = validate_posterior(post, a.seed, a.n_test, a.n_samples, out=out)
+    print((out / "validation.md").read_text())
+    print(f"wrote {out}/sbc.png, coverage.png, validation.json")
+    return res
+
+
+def cmd_mcmc(a):
+    """NUTS / ESS / AIES on catalog rows: samples, ArviZ netCDF, R-hat/ESS summary."""
+    import sedflow_jax as sj
+    from sedflow_jax.mcmc import run_mcmc_catalog
+
+    try:
+        lo, _, hi = a.rows.partition(":")
+        rows = list(range(int(lo or 0), int(hi))) if _ else [int(lo)]
+    except ValueError as exc:
+        raise CLIError(f"--rows must look like 0:10 or 3, got {a.rows!r}") from exc
+    if Path(a.out).exists() and any(Path(a.out).iterdir()) and not (a.overwrite or a.resume):
+        raise CLIError(f"{a.out} exists and is not empty (use --resume or --overwrite)")
+    model = sj.load_model(filters=a.filters, z_max=a.z_max) if a.filters else None
+    kw = {k: v for k, v in (("num_chains", a.chains), ("num_samples", a.samples),
+                            ("num_warmup", a.warmup)) if v is not None}
+    t = run_mcmc_catalog(a.catalog, rows, a.sampler, a.out, model=model, key=a.seed,
+                         gamma_density=a.gamma_density, resume=a.resume, **kw)
+    ok = int((t["status"] == "ok").sum())
+    print(f"{ok}/{len(t)} galaxies fit with {a.sampler}; summary in {a.out}/summary.ecsv")
+
+
+def cmd_demo(a):
+    """The whole pipeline on the embedded grid (see sedflow_jax.demo)."""
+    from sedflow_jax.demo import run_demo
+
+    out = _out_dir(a.out, a.overwrite)
+    run_demo(out, a.size, seed=a.seed, progress=not a.quiet)
+
+
 def build_parser():
     ap = argparse.ArgumentParser(prog="sedflow-jax", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -298,6 +340,39 @@ def build_parser():
     p.add_argument("--keep-columns", nargs="*", default=["id", "ID", "RA", "DEC", "z"])
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_infer)
+
+    p = sub.add_parser("validate", help="SBC / p-p calibration of a trained model on mocks")
+    p.add_argument("--model", required=True)
+    p.add_argument("--n-test", type=int, default=1000)
+    p.add_argument("--n-samples", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="validation")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("mcmc", help="NUTS / ESS / AIES fits of catalog rows")
+    p.add_argument("--catalog", required=True)
+    p.add_argument("--rows", default="0:10", help="START:STOP or a single row")
+    p.add_argument("--sampler", choices=["nuts", "ess", "aies"], default="nuts")
+    p.add_argument("--out", required=True)
+    p.add_argument("--filters", nargs="+", default=None)
+    p.add_argument("--z-max", type=float, default=0.2)
+    p.add_argument("--chains", type=int, default=None)
+    p.add_argument("--samples", type=int, default=None)
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--gamma-density", choices=["loguniform", "flat"], default="loguniform")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_mcmc)
+
+    p = sub.add_parser("demo", help="simulate, train, infer, MCMC and validate, with figures")
+    p.add_argument("--out", default="demo_out")
+    p.add_argument("--size", choices=["small", "paper"], default="small")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_demo)
     return ap
 
 
