@@ -61,6 +61,14 @@ is rewritten after each shard, so a killed run leaves a consistent folder: calli
 only the missing ones and ends bit-identical to an uninterrupted run. A folder holding a
 *different* configuration is refused unless ``overwrite=True``.
 
+Scale-out (opt-in, see :mod:`sedflow_jax.parallel` and ``docs/scaling.md``): ``mesh=`` splits
+each block's photometry over local devices (values equal up to float rounding; the random draws
+are identical); ``hosts=(p, P)`` makes this process compute only the shards ``i % P == p`` of a
+shared folder, recorded in ``manifest.host{p}.json``; the merged ``manifest.json`` is written
+once every shard exists (:func:`sedflow_jax.parallel.merge_manifests`). Shards are found through
+any manifest of the folder, so hosts can be restarted (also with another ``P``) without
+duplicated or missing rows.
+
 Readers: :func:`load_training_set` (concatenated arrays, ``keep`` rows only by default),
 :func:`iter_shards`, :func:`read_manifest`, and :class:`ShardDataset`, a streaming data source
 over the kept rows for :func:`sedflow_jax.train.fit` (it does not import the trainer). Do not
@@ -110,6 +118,8 @@ __all__ = [
 FORMAT = "sedflow_jax.training_set"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+#: per-host manifest part written by ``simulate(..., hosts=(p, P))`` with P > 1
+HOST_MANIFEST_PATTERN = "manifest.host{}.json"
 DEFAULT_BLOCK = 4096
 SHARD_PATTERN = "shard_{:05d}.npz"
 
@@ -363,17 +373,26 @@ def _atomic_write_bytes(path: str, data: bytes) -> None:
             os.remove(tmp)
 
 
-def _write_manifest(folder: str, manifest: dict) -> None:
+def _write_manifest(folder: str, manifest: dict, name: str = MANIFEST_NAME) -> None:
     data = json.dumps(_jsonable(manifest), indent=1, allow_nan=True).encode() + b"\n"
-    _atomic_write_bytes(os.path.join(folder, MANIFEST_NAME), data)
+    _atomic_write_bytes(os.path.join(folder, name), data)
 
 
 def read_manifest(path) -> dict:
-    """The manifest dict of a training-set folder (or of a ``manifest.json`` path)."""
+    """The manifest dict of a training-set folder (or of a ``manifest.json`` path, or of a
+    per-host part ``manifest.host{p}.json``)."""
     path = os.fspath(path)
-    mpath = path if os.path.basename(path) == MANIFEST_NAME else os.path.join(path, MANIFEST_NAME)
+    base = os.path.basename(path)
+    is_file = base == MANIFEST_NAME or (base.startswith("manifest.host") and base.endswith(".json"))
+    mpath = path if is_file else os.path.join(path, MANIFEST_NAME)
     if not os.path.isfile(mpath):
-        raise FileNotFoundError(f"no {MANIFEST_NAME} in {os.path.dirname(mpath) or '.'}: not a "
+        folder = os.path.dirname(mpath) or "."
+        if glob.glob(os.path.join(folder, HOST_MANIFEST_PATTERN.format("*"))):
+            raise FileNotFoundError(
+                f"no {MANIFEST_NAME} in {folder}, only per-host parts (manifest.host*.json) of a "
+                "multi-host run: finish every host, then call "
+                "sedflow_jax.parallel.merge_manifests(folder)")
+        raise FileNotFoundError(f"no {MANIFEST_NAME} in {folder}: not a "
                                 "training set written by sedflow_jax.simulation.simulate")
     with open(mpath) as fh:
         m = json.load(fh)
@@ -403,11 +422,50 @@ def _prepare_out(out) -> str:
 
 
 def _our_files(folder: str):
-    pats = ("shard_*.npz", "shard_*.npz.tmp-*", MANIFEST_NAME, MANIFEST_NAME + ".tmp-*")
+    pats = ("shard_*.npz", "shard_*.npz.tmp-*", MANIFEST_NAME, MANIFEST_NAME + ".tmp-*",
+            HOST_MANIFEST_PATTERN.format("*"), HOST_MANIFEST_PATTERN.format("*") + ".tmp-*")
     out = []
     for p in pats:
         out.extend(glob.glob(os.path.join(folder, p)))
     return sorted(set(out))
+
+
+def _shard_index(name: str):
+    """``shard_00012.npz[.tmp-123]`` -> 12 (None for other names)."""
+    base = os.path.basename(name)
+    if not base.startswith("shard_"):
+        return None
+    digits = base[len("shard_"):].split(".", 1)[0]
+    return int(digits) if digits.isdigit() else None
+
+
+def _is_own_file(name: str, own_manifest: str, pidx: int, pcount: int) -> bool:
+    """Is this file (or temporary file) written by host ``pidx`` of ``pcount``?"""
+    base = os.path.basename(name)
+    if base == own_manifest or base.startswith(own_manifest + ".tmp-"):
+        return True
+    i = _shard_index(base)
+    return i is not None and i % pcount == pidx
+
+
+def _resolve_hosts(hosts):
+    """None -> (0, 1); 'auto' -> (jax.process_index(), jax.process_count()); (p, P) checked."""
+    if hosts is None:
+        return 0, 1
+    if isinstance(hosts, str):
+        if hosts != "auto":
+            raise ValueError(f"hosts must be None, 'auto' or (process_index, process_count); "
+                             f"got {hosts!r}")
+        return int(jax.process_index()), int(jax.process_count())
+    try:
+        pidx, pcount = (int(v) for v in hosts)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"hosts must be None, 'auto' or (process_index, process_count); got "
+                         f"{hosts!r}") from e
+    if pcount < 1 or not 0 <= pidx < pcount:
+        raise ValueError(f"hosts=(process_index, process_count) needs 0 <= process_index < "
+                         f"process_count; got {hosts!r}")
+    return pidx, pcount
 
 
 def _config_diff(a: dict, b: dict) -> list:
@@ -466,7 +524,7 @@ def _build_config(*, key_data, key_impl, n, block, range_cut, include_flux, mode
 # ---------------------------------------------------------------------------------------------
 def simulate(key_or_seed, n, model=None, prior=None, noise=None, *, out=None, chunk=100_000,
              block: int = DEFAULT_BLOCK, include_flux: bool = False, overwrite: bool = False,
-             range_cut: bool = True, progress: bool = True,
+             range_cut: bool = True, progress: bool = True, mesh=None, hosts=None,
              _stop_after_shards: Optional[int] = None) -> SimulationResult:
     """Simulate a SEDflow training set of ``n`` galaxies (prior -> photometry -> noise -> x).
 
@@ -491,6 +549,22 @@ def simulate(key_or_seed, n, model=None, prior=None, noise=None, *, out=None, ch
         range_cut: drop rows whose noiseless flux lies outside the noise model's catalog range
             (SEDflow); when False such rows are kept but still counted in ``flagged``.
         progress: tqdm bar over rows (galaxies/s).
+        mesh: optional ``jax.sharding.Mesh`` over *this process's* devices (one axis; see
+            :func:`sedflow_jax.parallel.make_mesh`): the photometry of each block is split
+            across its devices (``shard_map``); ``block`` must be a multiple of the device
+            count. Values equal the single-device run's up to float rounding (the random draws
+            are identical); the mesh is not part of the configuration, so a folder can be
+            resumed with another device count.
+        hosts: optional multi-host partition: ``(process_index, process_count)`` or ``'auto'``
+            (``jax.process_index()``/``jax.process_count()``). Host p computes the shards i with
+            ``i % process_count == p`` into the shared folder ``out`` and records them in its
+            own ``manifest.host{p}.json``; shards already present in the folder (any manifest,
+            sha256-checked) are not recomputed, so hosts can be restarted, also with another
+            process count, without duplicated or missing rows. The host that completes the
+            last share writes ``manifest.json`` (see
+            :func:`sedflow_jax.parallel.merge_manifests`); until then the folder is not
+            readable by :func:`load_training_set`. The returned result describes this host's
+            share (``complete``: its shards are done). With one process it is the same as None.
 
     Returns:
         :class:`SimulationResult`.
@@ -519,7 +593,20 @@ def simulate(key_or_seed, n, model=None, prior=None, noise=None, *, out=None, ch
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     seed, key_data, key_impl = _normalize_key(key_or_seed)
+    pidx, pcount = _resolve_hosts(hosts)
+    multi = pcount > 1
+    if multi and out is None:
+        raise ValueError("simulate(hosts=...) with more than one process needs out= (a folder "
+                         "shared by all hosts)")
+    n_dev = 1
+    if mesh is not None:
+        from . import parallel as _par
+
+        n_dev = _par.mesh_size(mesh, local=True)
+        if block % n_dev:
+            raise ValueError(f"block={block} must be a multiple of the mesh's {n_dev} devices")
     folder = _prepare_out(out) if out is not None else None
+    own_name = HOST_MANIFEST_PATTERN.format(pidx) if multi else MANIFEST_NAME
 
     # -- inputs and configuration ------------------------------------------------------------
     model, prior, noise = _resolve_inputs(model, prior, noise)
@@ -533,44 +620,76 @@ def simulate(key_or_seed, n, model=None, prior=None, noise=None, *, out=None, ch
     rows_per_shard = max(1, math.ceil(chunk / block)) * block
 
     # -- existing folder: resume, refuse or clear --------------------------------------------
+    # ``known``: every manifest in the folder (manifest.json and per-host parts) holding this
+    # configuration; ``old``: this writer's own one (manifest.json, or its host part).
     old = None
+    known = []
     if folder is not None:
-        mpath = os.path.join(folder, MANIFEST_NAME)
-        if os.path.exists(mpath) and not overwrite:
-            try:
-                old = read_manifest(folder)
-            except (ValueError, json.JSONDecodeError) as e:
-                raise ValueError(f"{folder} holds an unreadable manifest ({e}); pass "
-                                 "overwrite=True to replace it") from e
-            diff = _config_diff(old.get("config", {}), config)
-            if diff:
-                raise ValueError(
-                    f"{folder} already holds a training set with a different configuration "
-                    f"(differs in: {', '.join(diff)}). Use another folder, or overwrite=True to "
-                    "replace it.")
-            if int(old["layout"]["rows_per_shard"]) != rows_per_shard:
-                warnings.warn(
-                    f"resuming {folder}: keeping its shard size of "
-                    f"{old['layout']['rows_per_shard']} rows (chunk={chunk} requested); values "
-                    "are the same either way",
-                    stacklevel=2)
-                rows_per_shard = int(old["layout"]["rows_per_shard"])
-            oenv = old.get("environment", {})
-            for k in ("jax", "jaxlib", "backend"):
-                if oenv.get(k) != env.get(k):
-                    warnings.warn(f"resuming {folder} written with {k}={oenv.get(k)!r}, now "
-                                  f"{env.get(k)!r}: new shards may not be bit-identical to the "
-                                  "old ones", stacklevel=2)
-        else:
-            stale = _our_files(folder)
-            if stale and not overwrite:
+        if not overwrite:
+            # shard files first, manifests second: a writer saves its manifest before any of
+            # its shards, so a shard seen here always has its manifest seen below
+            shard_files = glob.glob(os.path.join(folder, "shard_*.npz"))
+            names = [MANIFEST_NAME] + sorted(
+                os.path.basename(p)
+                for p in glob.glob(os.path.join(folder, HOST_MANIFEST_PATTERN.format("*"))))
+            for name in names:
+                mpath = os.path.join(folder, name)
+                if not os.path.exists(mpath):
+                    continue
+                try:
+                    m = read_manifest(mpath)
+                except (ValueError, json.JSONDecodeError) as e:
+                    what = "manifest" if name == MANIFEST_NAME else f"manifest part {name}"
+                    raise ValueError(f"{folder} holds an unreadable {what} ({e}); pass "
+                                     "overwrite=True to replace it") from e
+                diff = _config_diff(m.get("config", {}), config)
+                if diff:
+                    raise ValueError(
+                        f"{folder} already holds a training set with a different configuration "
+                        f"(differs in: {', '.join(diff)}; in {name}). Use another folder, or "
+                        "overwrite=True to replace it.")
+                known.append((name, m))
+            if not known and shard_files:
                 raise ValueError(f"{folder} holds shard files but no manifest; pass "
                                  "overwrite=True to replace them, or use another folder")
-            for p in stale:
-                os.remove(p)
+            if known:
+                sizes = {int(m["layout"]["rows_per_shard"]) for _, m in known}
+                if len(sizes) > 1:
+                    raise ValueError(f"{folder}: its manifests disagree on the shard size "
+                                     f"({sorted(sizes)} rows); pass overwrite=True")
+                old_rps = sizes.pop()
+                if old_rps != rows_per_shard:
+                    warnings.warn(
+                        f"resuming {folder}: keeping its shard size of {old_rps} rows "
+                        f"(chunk={chunk} requested); values are the same either way",
+                        stacklevel=2)
+                    rows_per_shard = old_rps
+                old = dict(known).get(own_name)
+                oenv = (old if old is not None else known[0][1]).get("environment", {})
+                for k in ("jax", "jaxlib", "backend"):
+                    if oenv.get(k) != env.get(k):
+                        warnings.warn(f"resuming {folder} written with {k}={oenv.get(k)!r}, now "
+                                      f"{env.get(k)!r}: new shards may not be bit-identical to "
+                                      "the old ones", stacklevel=2)
+        else:
+            for p in _our_files(folder):
+                # several hosts: each clears only its own files (and the merged manifest)
+                if not multi or os.path.basename(p).startswith(MANIFEST_NAME) or \
+                        _is_own_file(p, own_name, pidx, pcount):
+                    try:
+                        os.remove(p)
+                    except FileNotFoundError:  # another host removed it first
+                        pass
         for p in glob.glob(os.path.join(folder, "*.tmp-*")):  # leftovers of a killed run
-            if os.path.basename(p).startswith(("shard_", MANIFEST_NAME)):
+            base = os.path.basename(p)
+            if not base.startswith(("shard_", MANIFEST_NAME, "manifest.host")):
+                continue
+            if multi and not _is_own_file(base, own_name, pidx, pcount):
+                continue  # another host may be writing it right now
+            try:
                 os.remove(p)
+            except FileNotFoundError:
+                pass
 
     n_shards = math.ceil(n / rows_per_shard)
     plan = []
@@ -581,29 +700,49 @@ def simulate(key_or_seed, n, model=None, prior=None, noise=None, *, out=None, ch
                      "row_stop": r1, "block_start": r0 // block,
                      "block_stop": math.ceil(r1 / block)})
 
-    shards = [None] * n_shards
-    if old is not None:
+    # this writer's shards: all of them, or those with index % process_count == process_index
+    mine = [p for p in plan if p["index"] % pcount == pidx]
+    shards = [None] * n_shards  # only this writer's entries are ever filled
+    cands = {}
+    for name, m in sorted(known, key=lambda nm: nm[0] != own_name):  # own manifest first
+        for e in m.get("shards", []):
+            cands.setdefault(int(e["index"]), []).append(e)
+    for p in mine:
+        es = [e for e in cands.get(p["index"], []) if e["row_start"] == p["row_start"]
+              and e["row_stop"] == p["row_stop"] and e.get("file") == p["file"]]
+        fpath = os.path.join(folder, p["file"]) if folder is not None else None
+        if es and os.path.isfile(fpath):
+            h = _sha256_file(fpath)
+            shards[p["index"]] = next((e for e in es if e.get("sha256") == h), None)
+    todo = [p for p in mine if shards[p["index"]] is None]
+    # a restarted host with another process count keeps listing the shards it wrote before
+    # that are now assigned to others, so that no manifest forgets a finished shard
+    carry = []
+    if multi and old is not None:
+        mine_idx = {p["index"] for p in mine}
         for e in old.get("shards", []):
             i = int(e["index"])
-            if i >= n_shards or e["row_start"] != plan[i]["row_start"] or \
-                    e["row_stop"] != plan[i]["row_stop"]:
-                continue
-            p = os.path.join(folder, e["file"])
-            if os.path.isfile(p) and _sha256_file(p) == e.get("sha256"):
-                shards[i] = e
-    todo = [p for p in plan if shards[p["index"]] is None]
+            if i not in mine_idx and i < n_shards and e.get("file") == plan[i]["file"] and \
+                    (e["row_start"], e["row_stop"]) == (plan[i]["row_start"],
+                                                        plan[i]["row_stop"]) and \
+                    os.path.isfile(os.path.join(folder, e["file"])):
+                carry.append(e)
 
     created = old.get("created") if old is not None else _now()
     keep_bits = _keep_mask(range_cut)
     sessions = list(old.get("sessions", [])) if old is not None else []
     session = {"started": _now(), "rows_computed": 0, "wall_s": 0.0, "environment": env}
+    if mesh is not None:
+        session["devices"] = n_dev
+    if multi:
+        session["host"] = pidx
     sessions.append(session)
 
     def manifest_now(complete: bool) -> dict:
         return _jsonable(_manifest(complete))
 
     def _manifest(complete: bool) -> dict:
-        done = [e for e in shards if e is not None]
+        done = sorted([e for e in shards if e is not None] + carry, key=lambda e: e["index"])
         tot = _sum_counts(e["counts"] for e in done)
         comp = sum(e["timing"]["compute_s"] for e in done)
         wr = sum(e["timing"]["write_s"] for e in done)
@@ -648,16 +787,22 @@ def simulate(key_or_seed, n, model=None, prior=None, noise=None, *, out=None, ch
                    if include_flux else {}),
             },
             "environment": env,
+            **({"host": {"process_index": pidx, "process_count": pcount,
+                         "assigned": [p["index"] for p in mine]}} if multi else {}),
         }
 
     # -- compute ---------------------------------------------------------------------------
     kd = jnp.asarray(key_data)
-    statics = dict(phot=model.phot_batch, prior=prior, block=block, key_impl=key_impl)
+    phot, tables, noise_arg = model.phot_batch, model.tables, noise
+    if mesh is not None:  # photometry split over the mesh; inputs replicated on it
+        phot = _par.sharded_phot_fn(model, mesh)
+        kd, tables, noise_arg = _par.replicate((kd, tables, noise), mesh)
+    statics = dict(phot=phot, prior=prior, block=block, key_impl=key_impl)
 
     def dispatch(p, first=None):
         outs = [] if first is None else [first]
         for b in range(p["block_start"] + len(outs), p["block_stop"]):
-            outs.append(_simulate_block(kd, np.uint32(b), model.tables, noise, **statics))
+            outs.append(_simulate_block(kd, np.uint32(b), tables, noise_arg, **statics))
         return outs
 
     def gather(p, outs):
@@ -684,10 +829,11 @@ def simulate(key_or_seed, n, model=None, prior=None, noise=None, *, out=None, ch
         from tqdm.auto import tqdm
 
         done_rows = sum(e["row_stop"] - e["row_start"] for e in shards if e is not None)
-        pbar = tqdm(total=n, initial=done_rows, unit="gal", unit_scale=True, desc="simulate",
+        total = sum(p["row_stop"] - p["row_start"] for p in mine)
+        pbar = tqdm(total=total, initial=done_rows, unit="gal", unit_scale=True, desc="simulate",
                     smoothing=0.1)
     if folder is not None and old is None:
-        _write_manifest(folder, manifest_now(complete=False))
+        _write_manifest(folder, manifest_now(complete=not todo), own_name)
 
     t_setup = time.perf_counter() - t_start
     t_first = None
@@ -701,7 +847,7 @@ def simulate(key_or_seed, n, model=None, prior=None, noise=None, *, out=None, ch
             # the first block alone, synchronously: its time is mostly compilation
             t0 = time.perf_counter()
             first = jax.block_until_ready(_simulate_block(
-                kd, np.uint32(todo[0]["block_start"]), model.tables, noise, **statics))
+                kd, np.uint32(todo[0]["block_start"]), tables, noise_arg, **statics))
             t_first = time.perf_counter() - t0
             pending = dispatch(todo[0], first)
         for j, p in enumerate(todo):
@@ -730,7 +876,8 @@ def simulate(key_or_seed, n, model=None, prior=None, noise=None, *, out=None, ch
                 session["rows_computed"] = rows_computed
                 session["wall_s"] = time.perf_counter() - t_start
                 entry["timing"]["write_s"] = time.perf_counter() - t1
-                _write_manifest(folder, manifest_now(complete=all(e is not None for e in shards)))
+                _write_manifest(folder, manifest_now(
+                    complete=all(shards[q["index"]] is not None for q in mine)), own_name)
             t_wait += t_compute
             t_write += time.perf_counter() - t1
             if pbar is not None:
@@ -745,7 +892,7 @@ def simulate(key_or_seed, n, model=None, prior=None, noise=None, *, out=None, ch
     t_end = time.perf_counter()
     loop_s = t_end - t_loop
 
-    complete = all(e is not None for e in shards)
+    complete = all(shards[p["index"]] is not None for p in mine)
     session["rows_computed"] = rows_computed
     session["wall_s"] = t_end - t_start
     manifest = manifest_now(complete=complete)
@@ -754,7 +901,18 @@ def simulate(key_or_seed, n, model=None, prior=None, noise=None, *, out=None, ch
     elif rows_computed == 0 and old is not None and old.get("complete") == complete:
         manifest = old  # nothing to do: leave the folder untouched
     else:
-        _write_manifest(folder, manifest)
+        _write_manifest(folder, manifest, own_name)
+    if multi and complete and not stopped:
+        # the host finishing the last share writes manifest.json (all hosts may try: the
+        # merged manifest is written atomically and is the same whoever writes it)
+        from . import parallel as _par
+
+        try:
+            _par.merge_manifests(folder, strict=False)
+        except (ValueError, OSError) as e:
+            warnings.warn(f"{folder}: could not merge the host manifests yet ({e}); run "
+                          "sedflow_jax.parallel.merge_manifests(folder) when all hosts are done",
+                          stacklevel=2)
 
     timings = {
         "setup_s": t_setup,

@@ -568,7 +568,39 @@ def _seed_from(key_or_seed, cfg: TrainConfig) -> int:
     return int(np.asarray(key, np.uint32).ravel()[-1]) & 0x7FFFFFFF
 
 
-def _evaluate(eval_sum, params, rest, source, rows, bs, d_theta, d_context) -> float:
+class _DataParallel:
+    """Placement for data-parallel training on a ``jax.sharding.Mesh``: batches split along the
+    mesh (all its axes), everything else replicated; jit then partitions the step and inserts
+    the gradient all-reduce. Works for meshes spanning several processes (each process holds
+    the same batch and feeds the rows of its own devices)."""
+
+    def __init__(self, mesh):
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+        if not isinstance(mesh, Mesh):
+            raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+        names = tuple(mesh.axis_names)
+        self.size = int(mesh.devices.size)
+        self.rows = NamedSharding(mesh, PartitionSpec(names[0] if len(names) == 1 else names))
+        self.repl = NamedSharding(mesh, PartitionSpec())
+
+    @staticmethod
+    def _put(a, sharding):
+        if sharding.is_fully_addressable:
+            return jax.device_put(a, sharding)
+        a = np.asarray(a)
+        return jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx])
+
+    def batch(self, *arrays):
+        """Split along the mesh when the rows divide evenly, else replicate (same values)."""
+        sh = self.rows if arrays[0].shape[0] % self.size == 0 else self.repl
+        return tuple(self._put(a, sh) for a in arrays)
+
+    def replicate(self, tree):
+        return jax.tree_util.tree_map(lambda a: self._put(a, self.repl), tree)
+
+
+def _evaluate(eval_sum, params, rest, source, rows, bs, d_theta, d_context, dp=None) -> float:
     total, count, bad = 0.0, 0, 0
     for t, x in source.iter_batches(None, bs, rows):
         m = t.shape[0]
@@ -577,6 +609,8 @@ def _evaluate(eval_sum, params, rest, source, rows, bs, d_theta, d_context) -> f
             x = np.concatenate([x, np.zeros((bs - m, d_context), np.float32)])
         w = np.zeros(bs, np.float32)
         w[:m] = 1
+        if dp is not None:
+            t, x, w = dp.batch(t, x, w)
         s, nb = eval_sum(params, rest, t, x, w)
         total += float(s)
         bad += int(nb)
@@ -588,7 +622,7 @@ def _evaluate(eval_sum, params, rest, source, rows, bs, d_theta, d_context) -> f
 
 def fit(key_or_seed, config: TrainConfig | None = None, flow_config: FlowConfig | None = None,
         data=None, *, resume_from: str | os.PathLike | None = None,
-        flow: Flow | None = None, callback=None) -> TrainResult:
+        flow: Flow | None = None, callback=None, mesh=None) -> TrainResult:
     """Train ``p(theta | x)`` by maximum likelihood with early stopping.
 
     Args:
@@ -603,6 +637,15 @@ def fit(key_or_seed, config: TrainConfig | None = None, flow_config: FlowConfig 
             uninterrupted run would.
         flow: optional initial flow (warm start) instead of a fresh ``init_flow``.
         callback: ``callback(epoch, train_loss, val_loss)`` after each epoch; return True to stop.
+        mesh: optional ``jax.sharding.Mesh`` (e.g. ``sedflow_jax.parallel.make_mesh()``) for
+            data-parallel training: each batch of ``config.batch_size`` rows (the *global*
+            batch) is split over the mesh's devices, the weights and optimizer state are
+            replicated, and XLA all-reduces the gradients (BatchNorm statistics too), so the
+            run equals the single-device one at the same batch size up to float rounding.
+            Batches whose size does not divide by the device count (an epoch's last) run
+            replicated. A mesh over several processes (``make_mesh('global')`` after
+            ``jax.distributed.initialize``) needs every process to call ``fit`` with the same
+            data and seed; only process 0 writes checkpoints.
     """
     cfg = config or TrainConfig()
     if data is None:
@@ -662,6 +705,11 @@ def fit(key_or_seed, config: TrainConfig | None = None, flow_config: FlowConfig 
         opt_state = tx.init(params)
         best_params, best_rest = params, rest
 
+    dp = None
+    if mesh is not None:
+        dp = _DataParallel(mesh)
+        params, rest, opt_state, best_params, best_rest = dp.replicate(
+            (params, rest, opt_state, best_params, best_rest))
     # cached per (architecture, optimizer): repeated fits in one process compile once
     train_step, eval_sum = _make_fns_cached(graphdef, cfg.learning_rate, cfg.clip_norm)
     stopped_early = since_best >= cfg.patience
@@ -672,7 +720,7 @@ def fit(key_or_seed, config: TrainConfig | None = None, flow_config: FlowConfig 
         pbar = tqdm(total=cfg.max_epochs, initial=start_epoch, desc="training flow", unit="epoch")
 
     def checkpoint(epoch_done: int):
-        if cfg.checkpoint_dir is None:
+        if cfg.checkpoint_dir is None or (dp is not None and jax.process_index() != 0):
             return
         extra = {"seed": seed, "n": source.n, "n_train": n_train, "n_val": n_val,
                  "best_val": best_val, "best_epoch": best_epoch, "since_best": since_best,
@@ -687,6 +735,8 @@ def fit(key_or_seed, config: TrainConfig | None = None, flow_config: FlowConfig 
             t0 = time.perf_counter()
             losses, sizes = [], []
             for t, x in source.iter_batches(rng, cfg.batch_size, is_train):
+                if dp is not None:
+                    t, x = dp.batch(t, x)
                 params, rest, opt_state, loss = train_step(params, rest, opt_state, t, x)
                 losses.append(loss)  # stays on device: no sync per step
                 sizes.append(t.shape[0])
@@ -695,7 +745,7 @@ def fit(key_or_seed, config: TrainConfig | None = None, flow_config: FlowConfig 
                                / max(sizes.sum(), 1.0))
             val_loss = _evaluate(eval_sum, params, rest, source, is_val,
                                  min(cfg.eval_batch_size, n_val), source.d_theta,
-                                 source.d_context)
+                                 source.d_context, dp)
             epoch += 1
             history["train_loss"].append(train_loss)
             history["val_loss"].append(val_loss)
@@ -720,6 +770,9 @@ def fit(key_or_seed, config: TrainConfig | None = None, flow_config: FlowConfig 
 
     if not math.isfinite(best_val):
         raise FloatingPointError("validation loss never became finite: training diverged")
+    if dp is not None:  # back to ordinary single-device arrays
+        best_params, best_rest = jax.tree_util.tree_map(
+            lambda a: jnp.asarray(np.asarray(a)), (best_params, best_rest))
     best = nnx.merge(graphdef, best_params, best_rest)
     return TrainResult(flow=best, history=history, best_epoch=best_epoch, best_val_loss=best_val,
                        stopped_early=stopped_early, epochs=epoch, n_train=n_train, n_val=n_val,
