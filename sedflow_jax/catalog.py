@@ -20,8 +20,32 @@ FLAG_NONFINITE = 1  # NaN / inf flux, ivar or z
 FLAG_NONPOSITIVE_FLUX = 2  # flux <= 0: no magnitude
 FLAG_BAD_IVAR = 4  # ivar <= 0
 FLAG_Z_RANGE = 8  # redshift outside the model / training range
+FLAG_SENTINEL = 16  # a band holds a sentinel value (e.g. -9999)
+FLAG_LOW_SNR = 32  # a band below the user's S/N floor (plain posteriors)
+FLAG_TOO_FEW_BANDS = 64  # fewer usable bands than the (mask-aware) posterior needs
+FLAG_NOISE_OOS = 128  # (mag, sigma) outside the training support and not handled
 FLAG_NAMES = {FLAG_NONFINITE: "non-finite value", FLAG_NONPOSITIVE_FLUX: "flux <= 0",
-              FLAG_BAD_IVAR: "ivar <= 0", FLAG_Z_RANGE: "redshift out of range"}
+              FLAG_BAD_IVAR: "ivar <= 0", FLAG_Z_RANGE: "redshift out of range",
+              FLAG_SENTINEL: "sentinel value", FLAG_LOW_SNR: "S/N below floor",
+              FLAG_TOO_FEW_BANDS: "too few usable bands",
+              FLAG_NOISE_OOS: "outside training support"}
+
+# per (row, band) reasons a band is masked (Photometry.band_flag; 0 = used)
+BAND_NONFINITE = 1  # NaN / inf flux or ivar
+BAND_SENTINEL = 2  # flux or ivar equals a sentinel value
+BAND_NOT_OBSERVED = 4  # flux == 0 and ivar == 0
+BAND_BAD_IVAR = 8  # ivar <= 0 (otherwise)
+BAND_NONPOSITIVE_FLUX = 16  # flux <= 0 with ivar > 0: no magnitude
+BAND_LOW_SNR = 32  # flux * sqrt(ivar) < snr_floor
+BAND_EMPTY = 64  # the band has no usable value in any row of the catalog
+BAND_NOISE_OOS = 128  # (mag, sigma_mag) outside the training support (set by infer_catalog)
+BAND_FLAG_NAMES = {BAND_NONFINITE: "non-finite", BAND_SENTINEL: "sentinel",
+                   BAND_NOT_OBSERVED: "not observed (flux = ivar = 0)",
+                   BAND_BAD_IVAR: "ivar <= 0", BAND_NONPOSITIVE_FLUX: "flux <= 0",
+                   BAND_LOW_SNR: "S/N below floor", BAND_EMPTY: "band empty in catalog",
+                   BAND_NOISE_OOS: "outside training support"}
+#: values read as "no measurement" in flux or ivar columns
+DEFAULT_SENTINELS = (-9999.0, -999.0, -99.0)
 
 
 class CatalogError(ValueError):
@@ -29,8 +53,11 @@ class CatalogError(ValueError):
 
 
 class Photometry(NamedTuple):
-    """flux, sigma : (n, n_bands) nanomaggies; z : (n,); flag : (n,) int bit mask (0 = usable);
-    counts : dict flag name -> number of rows; bands : tuple of band names."""
+    """flux, sigma : (n, n_bands) nanomaggies (extinction-corrected if asked); z : (n,);
+    flag : (n,) int row bit mask (0 = usable, ``FLAG_*``); counts : dict flag name -> number of
+    rows (plus ``usable``, ``rows_with_masked_bands``, ``masked_<band>``); bands : band names;
+    mask : (n, n_bands) bool, True = band used; band_flag : (n, n_bands) int ``BAND_*`` bits;
+    band_counts : {band: {reason: n}}."""
 
     flux: np.ndarray
     sigma: np.ndarray
@@ -38,6 +65,9 @@ class Photometry(NamedTuple):
     flag: np.ndarray
     counts: dict
     bands: tuple
+    mask: np.ndarray = None
+    band_flag: np.ndarray = None
+    band_counts: dict = None
 
 
 def read_table(table):
@@ -49,18 +79,54 @@ def read_table(table):
     return Table.read(table)
 
 
+def _band_matrix(t, spec, bands, what):
+    """(n, nb) float array from a vector column name, a '{band}' format or None."""
+    if spec is None:
+        return None
+    if "{band}" in spec:
+        cols = [spec.format(band=b) for b in bands]
+        missing = [c for c in cols if c not in t.colnames]
+        if missing:
+            raise CatalogError(f"catalog is missing {what} columns {missing}")
+        return np.column_stack([np.ma.filled(np.ma.asarray(t[c], float), np.nan) for c in cols])
+    if spec not in t.colnames:
+        raise CatalogError(f"catalog has no {what} column {spec!r}")
+    a = np.ma.filled(np.ma.asarray(t[spec], float), np.nan)
+    if a.ndim != 2 or a.shape[1] != len(bands):
+        raise CatalogError(f"{what} column {spec} must have shape (n, {len(bands)}), got {a.shape}")
+    return a
+
+
 def read_photometry(table, bands: Sequence[str], *, flux_fmt="flux_{band}",
                     ivar_fmt="flux_ivar_{band}", z_col="z", vector_flux=None, vector_ivar=None,
-                    z_range=None) -> Photometry:
-    """Read fluxes, sigmas and redshifts of ``bands`` and flag unusable rows."""
+                    z_range=None, extinction=None, sentinels=DEFAULT_SENTINELS, snr_floor=None,
+                    mask_bands: bool = False, min_bands: int = 2) -> Photometry:
+    """Read fluxes, sigmas and redshifts of ``bands``, build the band mask and flag rows.
+
+    Every (row, band) gets ``BAND_*`` reason bits (0 = usable): NaN / inf, a ``sentinels`` value
+    in flux or ivar, flux = ivar = 0 ("not observed"), ivar <= 0, flux <= 0, S/N =
+    flux sqrt(ivar) < ``snr_floor`` (if given), and ``BAND_EMPTY`` for a band with no usable
+    value in any row. ``mask = band_flag == 0``.
+
+    mask_bands=False (plain posteriors, the default): any bad band flags the whole row (NaN ->
+    ``FLAG_NONFINITE``, flux <= 0 -> ``FLAG_NONPOSITIVE_FLUX``, ivar <= 0 ->
+    ``FLAG_BAD_IVAR``, sentinel -> ``FLAG_SENTINEL``, low S/N -> ``FLAG_LOW_SNR``).
+    mask_bands=True (mask-aware posteriors): bad bands are only masked; a row is flagged
+    ``FLAG_TOO_FEW_BANDS`` when fewer than ``min_bands`` remain. Either way a non-finite z flags
+    ``FLAG_NONFINITE`` and z outside ``z_range`` (lo, hi] ``FLAG_Z_RANGE``.
+
+    extinction : Galactic extinction A_b [mag] (vector column or '{band}' format): flux and
+    sigma are multiplied by 10**(0.4 A_b), as in the shipped noise model. Nothing is dropped:
+    rows keep their index; ``counts`` and ``band_counts`` report every reason.
+    """
     t = read_table(table)
     bands = tuple(bands)
     if vector_flux is not None:
         for c in (vector_flux, vector_ivar):
             if c not in t.colnames:
                 raise CatalogError(f"catalog has no column {c!r}")
-        flux = np.asarray(t[vector_flux], float)
-        ivar = np.asarray(t[vector_ivar], float)
+        flux = np.ma.filled(np.ma.asarray(t[vector_flux], float), np.nan)
+        ivar = np.ma.filled(np.ma.asarray(t[vector_ivar], float), np.nan)
         if flux.ndim != 2 or flux.shape[1] != len(bands) or ivar.shape != flux.shape:
             raise CatalogError(f"{vector_flux}/{vector_ivar} must have shape (n, {len(bands)})")
     else:
@@ -73,23 +139,66 @@ def read_photometry(table, bands: Sequence[str], *, flux_fmt="flux_{band}",
             unit = getattr(t[c], "unit", None)
             if unit is not None and str(unit) not in ("nanomaggy", "nmgy", "nanomaggies", ""):
                 raise CatalogError(f"column {c} has unit {unit}; fluxes must be in nanomaggies")
-        flux = np.column_stack([np.asarray(t[c], float) for c in fc])
-        ivar = np.column_stack([np.asarray(t[c], float) for c in ic])
+        flux = np.column_stack([np.ma.filled(np.ma.asarray(t[c], float), np.nan) for c in fc])
+        ivar = np.column_stack([np.ma.filled(np.ma.asarray(t[c], float), np.nan) for c in ic])
     if z_col not in t.colnames:
         raise CatalogError(f"catalog has no redshift column {z_col!r}")
-    z = np.asarray(t[z_col], float)
-    flag = np.zeros(len(t), int)
-    bad = ~(np.isfinite(flux).all(1) & np.isfinite(ivar).all(1) & np.isfinite(z))
-    flag[bad] |= FLAG_NONFINITE
+    if snr_floor is not None and not np.isfinite(snr_floor):
+        raise ValueError(f"snr_floor must be a finite number, got {snr_floor}")
+    z = np.ma.filled(np.ma.asarray(t[z_col], float), np.nan)
+    n, nb = flux.shape
+    bf = np.zeros((n, nb), int)
     with np.errstate(invalid="ignore"):
-        flag[(flux <= 0).any(1)] |= FLAG_NONPOSITIVE_FLUX
-        flag[(ivar <= 0).any(1)] |= FLAG_BAD_IVAR
-        if z_range is not None:
-            flag[~((z > z_range[0]) & (z <= z_range[1]))] |= FLAG_Z_RANGE
+        nonfin = ~(np.isfinite(flux) & np.isfinite(ivar))
+        bf[nonfin] |= BAND_NONFINITE
+        sent = np.zeros((n, nb), bool)
+        for v in sentinels or ():
+            sent |= (flux == v) | (ivar == v)
+        bf[sent] |= BAND_SENTINEL
+        notobs = (flux == 0) & (ivar == 0)
+        bf[notobs] |= BAND_NOT_OBSERVED
+        rest = ~(nonfin | sent | notobs)
+        bf[rest & (ivar <= 0)] |= BAND_BAD_IVAR
+        bf[rest & (ivar > 0) & (flux <= 0)] |= BAND_NONPOSITIVE_FLUX
+        if snr_floor is not None:
+            low = rest & (ivar > 0) & (flux > 0) & (flux * np.sqrt(np.abs(ivar)) < snr_floor)
+            bf[low] |= BAND_LOW_SNR
+        empty = (bf != 0).all(0) if n else np.zeros(nb, bool)
+        bf[:, empty] |= BAND_EMPTY
         sigma = np.where(ivar > 0, 1.0 / np.sqrt(np.where(ivar > 0, ivar, 1.0)), np.nan)
+    if extinction is not None:
+        a = _band_matrix(t, extinction, bands, "extinction")
+        if not np.all(np.isfinite(a)):
+            raise CatalogError(f"extinction {extinction!r} has non-finite values")
+        corr = 10.0 ** (0.4 * a)
+        flux, sigma = flux * corr, sigma * corr
+    mask = bf == 0
+    flag = np.zeros(n, int)
+    flag[~np.isfinite(z)] |= FLAG_NONFINITE
+    if mask_bands:
+        flag[mask.sum(1) < int(min_bands)] |= FLAG_TOO_FEW_BANDS
+    else:
+        with np.errstate(invalid="ignore"):
+            flag[nonfin.any(1)] |= FLAG_NONFINITE
+            flag[(flux <= 0).any(1)] |= FLAG_NONPOSITIVE_FLUX
+            flag[(ivar <= 0).any(1)] |= FLAG_BAD_IVAR
+        flag[sent.any(1)] |= FLAG_SENTINEL
+        flag[((bf & BAND_LOW_SNR) > 0).any(1)] |= FLAG_LOW_SNR
+    if z_range is not None:
+        with np.errstate(invalid="ignore"):
+            flag[~((z > z_range[0]) & (z <= z_range[1]))] |= FLAG_Z_RANGE
     counts = {name: int(np.sum(flag & bit > 0)) for bit, name in FLAG_NAMES.items()}
     counts["usable"] = int(np.sum(flag == 0))
-    return Photometry(flux, sigma, z, flag, counts, bands)
+    counts["rows_with_masked_bands"] = int((~mask).any(1).sum())
+    for i, b in enumerate(bands):
+        counts[f"masked_{b}"] = int((~mask[:, i]).sum())
+    band_counts = {b: {name: int(np.sum((bf[:, i] & bit) > 0))
+                       for bit, name in BAND_FLAG_NAMES.items()} for i, b in enumerate(bands)}
+    if empty.any():
+        import warnings
+        warnings.warn(f"bands {[b for b, e in zip(bands, empty) if e]} have no usable value in "
+                      "any row: masked everywhere", stacklevel=2)
+    return Photometry(flux, sigma, z, flag, counts, bands, mask, bf, band_counts)
 
 
 def to_conditioning(flux, sigma, z):

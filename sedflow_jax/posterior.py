@@ -54,52 +54,144 @@ class AmortizedPosterior:
     x_hi: np.ndarray
     meta: dict = dataclasses.field(default_factory=dict)
 
+    # ------------------------------------------------------------------ band masks
+    @property
+    def mask_aware(self) -> bool:
+        """True for a flow conditioned on (x, band mask) (trained with band dropout)."""
+        return bool(self.meta.get("band_mask"))
+
+    @property
+    def support(self):
+        """The training set's :class:`sedflow_jax.masking.TrainingSupport` (None for models
+        saved before it was recorded)."""
+        d = self.meta.get("support")
+        if not d:
+            return None
+        from .masking import TrainingSupport
+
+        cached = getattr(self, "_support_cache", None)
+        if cached is None or cached[0] is not d:
+            self._support_cache = (d, TrainingSupport.from_dict(d))
+        return self._support_cache[1]
+
+    def condition(self, xs, mask=None) -> np.ndarray:
+        """The flow's context for x (m, 2 nb + 1) and an optional band mask (m, nb) (True =
+        used): x itself for a plain posterior (which refuses masked bands), [x with masked
+        slots filled, mask] (m, 3 nb + 1) for a mask-aware one."""
+        xs = np.atleast_2d(np.asarray(xs, np.float32))
+        nb = len(self.bands)
+        if not self.mask_aware:
+            if mask is not None and not np.all(mask):
+                raise ValueError("this posterior was trained without band dropout and needs every "
+                                 "band; train one with train_posterior(..., band_dropout=0.5) to "
+                                 "use band masks")
+            return xs
+        if xs.shape[1] != 2 * nb + 1:
+            raise ValueError(f"x must have {2 * nb + 1} columns (mags, sigma_mags, z) for bands "
+                             f"{self.bands}; got {xs.shape[1]}")
+        from .masking import apply_mask
+
+        info = self.meta["band_mask"]
+        if mask is not None:
+            mask = np.atleast_2d(np.asarray(mask, bool))
+            few = mask.sum(1) < int(info.get("min_bands", 1))
+            if few.any():
+                raise ValueError(f"{int(few.sum())} rows keep fewer than {info.get('min_bands')} "
+                                 "bands, below what the posterior was trained for")
+        return apply_mask(xs, mask, np.asarray(info["fill"], np.float32))
+
     # ------------------------------------------------------------------ support checks
-    def out_of_support(self, xs) -> np.ndarray:
-        """(m,) True where a context lies outside the training range (or is not finite)."""
+    def out_of_support(self, xs, mask=None) -> np.ndarray:
+        """(m,) True where a context lies outside the training range (or is not finite).
+
+        xs : (m, 2 nb + 1) [mags, sigma_mags, z] (for a mask-aware posterior; a plain
+        posterior's own context otherwise). mask : (m, nb) bool, masked bands are not checked.
+        """
         xs = np.atleast_2d(np.asarray(xs, float))
-        ok = np.isfinite(xs).all(1) & (xs >= self.x_lo).all(1) & (xs <= self.x_hi).all(1)
-        return ~ok
+        if mask is None or not self.mask_aware:
+            ok = np.isfinite(xs).all(1) & (xs >= self.x_lo).all(1) & (xs <= self.x_hi).all(1)
+            return ~ok
+        mask = np.atleast_2d(np.asarray(mask, bool))
+        used = np.concatenate([mask, mask, np.ones((xs.shape[0], 1), bool)], axis=1)
+        with np.errstate(invalid="ignore"):
+            good = np.isfinite(xs) & (xs >= self.x_lo) & (xs <= self.x_hi)
+        return ~(good | ~used).all(1)
 
     def _in_prior(self, s):
         return np.asarray(P.in_support(self.prior, jnp.asarray(s)))
 
     # ------------------------------------------------------------------ sampling
-    def log_prob(self, s, x):
-        """log p(s | x) of the flow (sampling space; not renormalised for the rejection)."""
+    def log_prob(self, s, x, mask=None):
+        """log p(s | x) of the flow (sampling space; not renormalised for the rejection).
+        For a mask-aware posterior x is (n, 2 nb + 1) and ``mask`` the band mask."""
+        if self.mask_aware and np.shape(x)[-1] == 2 * len(self.bands) + 1:
+            x = self.condition(np.atleast_2d(x), mask)
+            x = x[0] if x.shape[0] == 1 else x
         return F.log_prob(self.flow, s, x)
 
-    def sample(self, key, x_obs, n: int, *, max_rounds: int = 20) -> Samples:
-        """``n`` posterior draws for one context x_obs (d_x,): a :class:`Samples` without m axis."""
-        out = self.sample_batched(key, np.asarray(x_obs, float)[None], n, max_rounds=max_rounds)
+    def sample(self, key, x_obs, n: int, *, max_rounds: int = 20, mask=None) -> Samples:
+        """``n`` posterior draws for one context x_obs (d_x,): a :class:`Samples` without m axis.
+        ``mask`` (n_bands,) bool: bands to use (mask-aware posteriors)."""
+        out = self.sample_batched(key, np.asarray(x_obs, float)[None], n, max_rounds=max_rounds,
+                                  mask=None if mask is None else np.asarray(mask, bool)[None])
         return Samples(*(a[0] for a in out))
 
     def sample_batched(self, key, xs, n: int, *, max_rounds: int = 20,
-                       max_rows: int = 65536) -> Samples:
+                       max_rows: int = 65536, mask=None) -> Samples:
         """``n`` draws for each of m contexts xs (m, d_x), with rejection to the prior box.
 
         Galaxies short of ``n`` accepted draws are redrawn (fresh keys) for up to ``max_rounds``
         rounds; rows still missing are NaN and the galaxy is flagged ``low_acceptance``.
         Non-finite contexts are not sampled (all NaN, acceptance 0, ood True).
+        mask : (m, n_bands) bool, True = band used (mask-aware posteriors; masked entries of xs
+        may be NaN). Without it a mask-aware posterior uses every band.
         """
         xs = np.atleast_2d(np.asarray(xs, np.float32))
+        if self.mask_aware:
+            ood = self.out_of_support(xs, mask if mask is not None else
+                                      np.ones((xs.shape[0], len(self.bands)), bool))
+            xs = self.condition(xs, mask)
+        else:
+            self.condition(xs, mask)  # refuses masks with masked bands
+            ood = self.out_of_support(xs)
         m, d = xs.shape[0], self.flow.config.d_theta
-        ood = self.out_of_support(xs)
         finite = np.isfinite(xs).all(1)
         s_out = np.full((m, n, d), np.nan, np.float32)
         filled = np.zeros(m, int)
         drawn = np.zeros(m, int)
         inside = np.zeros(m, int)
         todo = np.flatnonzero(finite)
+        per_call = max(1, max_rows // max(n, 1))
+        # one compiled shape for every round: calls get `bucket` rows (or more, chunked at
+        # per_call); later rounds repeat the galaxies still short of n draws over those rows
+        bucket = min(per_call, 1 << int(np.ceil(np.log2(max(todo.size, 1)))))
         for r in range(max_rounds):
             if todo.size == 0:
                 break
             k = jax.random.fold_in(key, r)
-            draws = np.asarray(F.sample_batched(self.flow, k, xs[todo], n, max_rows=max_rows))
-            ok = self._in_prior(draws.reshape(-1, d)).reshape(todo.size, n)
-            drawn[todo] += n
-            inside[todo] += ok.sum(1)
-            for i, g in enumerate(todo):
+            if todo.size >= bucket:
+                who = todo
+                n_real = who.size
+            else:
+                need = n - filled[todo]
+                acc_g = np.where(drawn[todo] > 0, inside[todo] / np.maximum(drawn[todo], 1), 1.0)
+                want = np.ceil(need / (np.maximum(acc_g, 0.02) * n)).astype(int)
+                extra = np.maximum(want - 1, 0)  # share the spare rows by need
+                spare = bucket - todo.size
+                if extra.sum() > spare:
+                    extra = np.floor(extra * (spare / extra.sum())).astype(int)
+                who = np.repeat(todo, 1 + extra)
+                n_real = who.size
+                if who.size < bucket:
+                    who = np.concatenate([who, np.repeat(who[-1:], bucket - who.size)])
+            sub = xs[who]
+            draws = np.asarray(F.sample_batched(self.flow, k, sub, n, max_rows=max_rows))
+            ok = self._in_prior(draws.reshape(-1, d)).reshape(who.size, n)
+            for i, g in enumerate(who[:n_real]):  # padding rows are discarded
+                if filled[g] >= n:  # surplus repeats of a galaxy already filled
+                    continue
+                drawn[g] += n
+                inside[g] += ok[i].sum()
                 take = draws[i][ok[i]][: n - filled[g]]
                 s_out[g, filled[g]:filled[g] + len(take)] = take
                 filled[g] += len(take)
@@ -212,17 +304,39 @@ def _prior_from_dict(d: dict) -> P.Prior:
     return P.Prior(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
+def _grid_size(grid, n_rows: int) -> int:
+    if grid is not None:
+        return int(grid)
+    return int(np.clip(np.sqrt(max(n_rows, 1)) / 6, 8, 24))
+
+
 def train_posterior(data, out=None, *, flow_config: F.FlowConfig | None = None,
                     train_config=None, seed: int = 0, prior: P.Prior | None = None,
-                    bands=None, resume: bool = False) -> tuple[AmortizedPosterior, object]:
+                    bands=None, resume: bool = False, band_dropout: float | None = None,
+                    min_bands: int = 2, support_grid: int | None = None, mesh=None, devices=None
+                    ) -> tuple[AmortizedPosterior, object]:
     """Train SEDflow's flow on a training set and bundle it as an :class:`AmortizedPosterior`.
 
     data : a training-set folder written by :func:`sedflow_jax.simulation.simulate` (streamed
         from disk, kept rows only; prior and bands read from its manifest), or a dict with
         'theta' (n, 11) sampling-space targets and 'x' (n, d_x) plus ``prior`` and ``bands``.
     out : folder for the checkpoint, ``posterior.json`` and ``loss.png`` (None: not saved).
+    band_dropout : None (default: a plain flow on x) or p in (0, 1]: a *mask-aware* flow
+        conditioned on (x with masked bands filled, band mask), trained with random band
+        dropout (:class:`sedflow_jax.masking.BandDropout`: with probability p a row loses 1 to
+        n_bands - ``min_bands`` random bands, fresh every epoch). Its context has 3 nb + 1
+        columns; use ``sample_batched(..., mask=...)``.
+    support_grid : cells per axis of the recorded training support in (mag, log sigma_mag)
+        (default: sqrt(n_rows) / 6 clipped to [8, 24], so small training sets are not sparse).
+    mesh : optional ``jax.sharding.Mesh`` for data-parallel training (see
+        :func:`sedflow_jax.train.fit`); ``devices`` builds one instead: an int k (the first k
+        local devices), ``'all'`` (every local device) or ``'global'`` (every device of a
+        ``jax.distributed`` job); 1 means no mesh. Equal to one-device training at the same
+        batch size up to float rounding.
     Returns (posterior, TrainResult).
     """
+    from .masking import BandDropout, TrainingSupport
+
     from . import simulation as S
     from . import train as T
 
@@ -233,28 +347,54 @@ def train_posterior(data, out=None, *, flow_config: F.FlowConfig | None = None,
         bands = tuple(man["bands"])
         lo = np.full(source.d_context, np.inf)
         hi = np.full(source.d_context, -np.inf)
+        tot, cnt = np.zeros(source.d_context), 0
         for i in range(len(source.entries)):
             _, x = source._load(i)
             lo, hi = np.minimum(lo, x.min(0)), np.maximum(hi, x.max(0))
+            tot, cnt = tot + x.sum(0, dtype=np.float64), cnt + x.shape[0]
+        support = TrainingSupport.empty(lo, hi, bands, n_grid=_grid_size(support_grid, cnt))
+        for i in range(len(source.entries)):
+            support.accumulate(source._load(i)[1])
+        x_mean = tot / max(cnt, 1)
     else:
         if prior is None or bands is None:
             raise ValueError("in-memory data needs prior= and bands=")
         source = T.ArrayData(data["theta"], data["x"])
         lo, hi = source.x.min(0), source.x.max(0)
+        support = TrainingSupport.from_x(source.x, bands,
+                                         n_grid=_grid_size(support_grid, source.n))
+        x_mean = source.x.mean(0, dtype=np.float64)
+    meta_mask = None
+    if band_dropout is not None:
+        nb = len(tuple(bands))
+        fill = np.asarray(x_mean[:2 * nb], np.float32)
+        source = BandDropout(source, fill, p_drop=band_dropout, min_bands=min_bands, seed=seed)
+        meta_mask = {"fill": fill.tolist(), "p_drop": float(band_dropout),
+                     "min_bands": int(min_bands), "layout": "[mags', sigma_mags', z, mask]"}
     fc = flow_config or F.FlowConfig.small(source.d_theta, source.d_context, seed=seed)
     tc = train_config or T.TrainConfig(seed=seed)
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
         tc = dataclasses.replace(tc, checkpoint_dir=str(Path(out) / "training"))
+    if devices is not None:
+        if mesh is not None:
+            raise ValueError("give mesh= or devices=, not both")
+        if not (isinstance(devices, (int, np.integer)) and int(devices) == 1):
+            from . import parallel as par
+
+            mesh = par.make_mesh(None if devices == "all" else devices)
     res = T.fit(seed, tc, fc, source,
-                resume_from=(str(Path(out) / "training") if (resume and out) else None))
+                resume_from=(str(Path(out) / "training") if (resume and out) else None),
+                mesh=mesh)
     post = AmortizedPosterior(flow=res.flow, prior=prior, bands=tuple(bands),
                               x_lo=np.asarray(lo, float), x_hi=np.asarray(hi, float),
                               meta={"best_epoch": res.best_epoch,
                                     "best_val_loss": float(res.best_val_loss),
                                     "n_train": res.n_train, "n_val": res.n_val,
                                     "stopped_early": bool(res.stopped_early),
-                                    "flow_config": fc.to_dict()})
+                                    "flow_config": fc.to_dict(),
+                                    "support": support.to_dict(),
+                                    **({"band_mask": meta_mask} if meta_mask else {})})
     if out is not None:
         post.save(out)
         T.plot_loss(res.history, Path(out) / "loss.png", best_epoch=res.best_epoch)

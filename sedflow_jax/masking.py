@@ -1,0 +1,466 @@
+"""Missing and bad bands, and the training set's (flux, sigma) support, for real catalogs.
+
+Band masks
+----------
+A *band mask* is a boolean array ``mask`` (n, n_bands), True where a band's measurement is used.
+:func:`sedflow_jax.catalog.read_photometry` builds it from the data (NaN / inf, sentinel values
+such as -9999, flux = 0 with ivar = 0 ("not observed"), ivar <= 0, flux <= 0, a user-set S/N
+floor, a band with no usable value in the whole catalog) and counts every reason.
+
+A *mask-aware* posterior (``train_posterior(..., band_dropout=p)``) is a flow conditioned on
+
+    x_m = [mag_b (masked -> fill_b) ..., sigma_mag_b (masked -> fill'_b) ..., z, m_b ...]
+
+(d = 3 n_bands + 1), where ``m_b`` is 1.0 for a used band and 0.0 for a masked one and the fill
+values are the training-set means (z-scored to ~0). It is trained with random band dropout
+(:class:`BandDropout`): each training row, with probability ``p``, loses k ~ U{1..n_bands -
+min_bands} bands chosen at random, freshly drawn every epoch. Because the dropout is
+independent of theta and of the data, the flow learns p(theta | observed bands) = the posterior
+marginalised over the dropped bands, for every mask with >= ``min_bands`` bands: masking a band
+can only widen the posterior on average. (It assumes missingness carries no information, i.e.
+missing at random; a band missing *because* the galaxy is faint there is treated as unobserved.)
+
+Training support
+----------------
+:class:`TrainingSupport` records, per band, which cells of a 2-d grid in (magnitude, log10
+sigma_mag) hold at least ``min_count`` training rows, and the training redshift range. A catalog
+band lies "inside the support" when its cell is occupied; :func:`support_fractions` gives the
+fraction of real rows inside per band. Bands outside the support are handled according to the
+policy of :func:`infer_catalog`: ``'mask'`` (default for mask-aware posteriors: the band is
+masked and counted, the row is fit from the others if >= ``min_bands`` remain, else flagged),
+``'flag'`` (the row is flagged ``FLAG_NOISE_OOS`` and not fit) or ``'ood'`` (default for plain
+posteriors: fit, marked ``ood`` and counted). Rows are never silently fit with noise the flow has
+not seen.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import NamedTuple
+
+import numpy as np
+
+__all__ = [
+    "apply_mask",
+    "split_context",
+    "random_band_mask",
+    "BandDropout",
+    "TrainingSupport",
+    "support_fractions",
+    "plot_support",
+    "CatalogInference",
+    "NOISE_POLICIES",
+    "noise_ood_rows",
+    "prepare_catalog",
+    "infer_catalog",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# context layout helpers
+# ---------------------------------------------------------------------------------------------
+def _n_bands_from_x(d: int) -> int:
+    if d < 3 or (d - 1) % 2:
+        raise ValueError(f"a SEDflow context has 2 n_bands + 1 columns; got {d}")
+    return (d - 1) // 2
+
+
+def apply_mask(x, mask, fill) -> np.ndarray:
+    """Masked conditioning vector for a mask-aware flow.
+
+    x : (n, 2 nb + 1) = [mags, sigma_mags, z] (masked entries may be NaN);
+    mask : (n, nb) bool, True = band used (None: all used); fill : (2 nb,) values put in the
+    masked bands' mag and sigma_mag slots. Returns (n, 3 nb + 1) float32
+    [mags', sigma_mags', z, mask as 0/1].
+    """
+    x = np.atleast_2d(np.asarray(x, np.float32))
+    nb = _n_bands_from_x(x.shape[1])
+    mask = np.ones((x.shape[0], nb), bool) if mask is None else np.atleast_2d(np.asarray(mask, bool))
+    if mask.shape != (x.shape[0], nb):
+        raise ValueError(f"mask must have shape {(x.shape[0], nb)}, got {mask.shape}")
+    fill = np.asarray(fill, np.float32)
+    if fill.shape != (2 * nb,):
+        raise ValueError(f"fill must have shape ({2 * nb},), got {fill.shape}")
+    m2 = np.concatenate([mask, mask], axis=1)
+    vals = np.where(m2, x[:, :2 * nb], fill[None, :])
+    return np.concatenate([vals, x[:, 2 * nb:], mask.astype(np.float32)], axis=1)
+
+
+def split_context(xm):
+    """Inverse of :func:`apply_mask` up to the fill: (n, 3 nb + 1) -> (x (n, 2 nb + 1) with
+    NaN in masked slots, mask (n, nb) bool)."""
+    xm = np.atleast_2d(np.asarray(xm, np.float32))
+    if (xm.shape[1] - 1) % 3:
+        raise ValueError(f"a masked context has 3 n_bands + 1 columns; got {xm.shape[1]}")
+    nb = (xm.shape[1] - 1) // 3
+    mask = xm[:, 2 * nb + 1:] > 0.5
+    x = xm[:, :2 * nb + 1].copy()
+    x[:, :2 * nb][~np.concatenate([mask, mask], 1)] = np.nan
+    return x, mask
+
+
+def random_band_mask(rng: np.random.Generator, n: int, n_bands: int, p_drop: float,
+                     min_bands: int = 2) -> np.ndarray:
+    """(n, n_bands) bool mask: with probability ``p_drop`` a row loses k ~ U{1..n_bands -
+    min_bands} distinct random bands; other rows keep all bands."""
+    mask = np.ones((n, n_bands), bool)
+    max_drop = n_bands - int(min_bands)
+    if max_drop < 1 or p_drop <= 0:
+        return mask
+    rows = np.flatnonzero(rng.random(n) < p_drop)
+    if rows.size == 0:
+        return mask
+    k = rng.integers(1, max_drop + 1, size=rows.size)
+    perm = np.argsort(rng.random((rows.size, n_bands)), axis=1)  # a uniform permutation per row
+    mask[rows] = ~(perm < k[:, None])  # exactly k positions hold a value < k: a uniform k-subset
+    return mask
+
+
+class BandDropout:
+    """A training :class:`sedflow_jax.train.DataSource` wrapper adding random band dropout.
+
+    Wraps a source of (theta, x) with x = [mags, sigma_mags, z] and yields (theta,
+    :func:`apply_mask` (x, mask, fill)) with a fresh :func:`random_band_mask` per batch, drawn from
+    the shuffling generator in training and from a fixed-seed generator when ``rng`` is None
+    (validation and z-scoring passes: the same masks every epoch).
+    """
+
+    def __init__(self, source, fill, p_drop: float = 0.5, min_bands: int = 2, seed: int = 0):
+        if not 0.0 < float(p_drop) <= 1.0:
+            raise ValueError(f"band dropout probability must be in (0, 1], got {p_drop}")
+        self.source = source
+        self.n_bands = _n_bands_from_x(source.d_context)
+        if not 1 <= int(min_bands) < self.n_bands:
+            raise ValueError(f"min_bands must be in [1, {self.n_bands - 1}], got {min_bands}")
+        self.fill = np.asarray(fill, np.float32)
+        self.p_drop, self.min_bands, self.seed = float(p_drop), int(min_bands), int(seed)
+        self.n, self.d_theta = source.n, source.d_theta
+        self.d_context = source.d_context + self.n_bands
+
+    def __len__(self):
+        return self.n
+
+    def iter_batches(self, rng, batch_size, rows):
+        r = rng if rng is not None else np.random.default_rng([self.seed, 0xD50])
+        for t, x in self.source.iter_batches(rng, batch_size, rows):
+            m = random_band_mask(r, x.shape[0], self.n_bands, self.p_drop, self.min_bands)
+            yield t, apply_mask(x, m, self.fill)
+
+
+# ---------------------------------------------------------------------------------------------
+# training support in (mag, log10 sigma_mag) per band
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class TrainingSupport:
+    """Occupied cells of the training set's (mag, log10 sigma_mag) plane, per band.
+
+    mag_edges, lsig_edges : (nb, n_grid + 1) cell edges [mag, log10 mag];
+    counts : (nb, n_grid, n_grid) training rows per cell; z_range : (2,) training z range;
+    min_count : a cell is inside the support if it holds >= min_count rows.
+    """
+
+    bands: tuple
+    mag_edges: np.ndarray
+    lsig_edges: np.ndarray
+    counts: np.ndarray
+    z_range: np.ndarray
+    min_count: int = 3
+
+    @classmethod
+    def from_x(cls, x, bands, *, n_grid: int = 24, min_count: int = 3) -> "TrainingSupport":
+        """From training contexts x (n, 2 nb + 1) (one pass; see :meth:`accumulate` for more)."""
+        sup = cls.empty(np.nanmin(x, 0), np.nanmax(x, 0), bands, n_grid=n_grid,
+                        min_count=min_count)
+        sup.accumulate(x)
+        return sup
+
+    @classmethod
+    def empty(cls, x_lo, x_hi, bands, *, n_grid: int = 24, min_count: int = 3):
+        """Empty grids spanning the training range x_lo..x_hi ((2 nb + 1,) each)."""
+        bands = tuple(bands)
+        nb = len(bands)
+        x_lo, x_hi = np.asarray(x_lo, float), np.asarray(x_hi, float)
+        if x_lo.shape != (2 * nb + 1,):
+            raise ValueError(f"x range must have {2 * nb + 1} entries for {nb} bands")
+        me, le = [], []
+        for b in range(nb):
+            me.append(np.linspace(x_lo[b], x_hi[b] + 1e-6, n_grid + 1))
+            slo = np.log10(max(x_lo[nb + b], 1e-8))
+            le.append(np.linspace(slo, np.log10(max(x_hi[nb + b], 1e-8)) + 1e-6, n_grid + 1))
+        return cls(bands, np.asarray(me), np.asarray(le), np.zeros((nb, n_grid, n_grid), np.int64),
+                   np.asarray([x_lo[-1], x_hi[-1]], float), int(min_count))
+
+    def _cells(self, x):
+        x = np.atleast_2d(np.asarray(x, float))
+        nb = len(self.bands)
+        n_grid = self.counts.shape[1]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ls = np.log10(x[:, nb:2 * nb])
+        im = np.empty((x.shape[0], nb), np.int64)
+        il = np.empty((x.shape[0], nb), np.int64)
+        inside = np.isfinite(x[:, :2 * nb]).reshape(-1, 2, nb).all(1) & np.isfinite(ls)
+        for b in range(nb):
+            im[:, b] = np.searchsorted(self.mag_edges[b], x[:, b], side="right") - 1
+            il[:, b] = np.searchsorted(self.lsig_edges[b], ls[:, b], side="right") - 1
+        inside &= (im >= 0) & (im < n_grid) & (il >= 0) & (il < n_grid)
+        return np.clip(im, 0, n_grid - 1), np.clip(il, 0, n_grid - 1), inside
+
+    def accumulate(self, x):
+        """Add training rows x (n, 2 nb + 1) to the counts (in place)."""
+        im, il, inside = self._cells(x)
+        for b in range(len(self.bands)):
+            np.add.at(self.counts[b], (im[inside[:, b], b], il[inside[:, b], b]), 1)
+        return self
+
+    def band_inside(self, x) -> np.ndarray:
+        """(n, nb) True where a band's (mag, sigma_mag) falls in an occupied training cell
+        (False for NaN entries, e.g. masked bands)."""
+        im, il, inside = self._cells(x)
+        occ = np.stack([self.counts[b][im[:, b], il[:, b]] for b in range(len(self.bands))], 1)
+        return inside & (occ >= self.min_count)
+
+    def z_inside(self, z) -> np.ndarray:
+        z = np.asarray(z, float)
+        return np.isfinite(z) & (z >= self.z_range[0]) & (z <= self.z_range[1])
+
+    def to_dict(self) -> dict:
+        return {"bands": list(self.bands), "mag_edges": self.mag_edges.tolist(),
+                "lsig_edges": self.lsig_edges.tolist(), "counts": self.counts.tolist(),
+                "z_range": self.z_range.tolist(), "min_count": int(self.min_count)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainingSupport":
+        return cls(tuple(d["bands"]), np.asarray(d["mag_edges"], float),
+                   np.asarray(d["lsig_edges"], float), np.asarray(d["counts"], np.int64),
+                   np.asarray(d["z_range"], float), int(d.get("min_count", 3)))
+
+
+def support_fractions(support: TrainingSupport, x, mask=None) -> dict:
+    """Fraction of catalog rows inside the training support, per band (over the rows where the
+    band is used: ``mask`` (n, nb) True) and for all bands at once. x : (n, 2 nb + 1)."""
+    x = np.atleast_2d(np.asarray(x, float))
+    ins = support.band_inside(x)
+    mask = np.isfinite(x[:, :len(support.bands)]) if mask is None else np.asarray(mask, bool)
+    out = {b: float(ins[mask[:, i], i].mean()) if mask[:, i].any() else float("nan")
+           for i, b in enumerate(support.bands)}
+    out["all_bands"] = float(np.mean((ins | ~mask).all(1)))
+    out["n_rows"] = int(x.shape[0])
+    return out
+
+
+def plot_support(support: TrainingSupport, x, path=None, *, mask=None, fractions=None):
+    """Per band: the training support (occupied cells) and the catalog's (mag, sigma_mag) rows,
+    the ones outside marked. Saves to ``path`` (PNG) if given; returns the Figure."""
+    import matplotlib
+
+    if path is not None:
+        matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    x = np.atleast_2d(np.asarray(x, float))
+    nb = len(support.bands)
+    ins = support.band_inside(x)
+    mask = np.isfinite(x[:, :nb]) if mask is None else np.asarray(mask, bool)
+    fr = fractions or support_fractions(support, x, mask)
+    fig, axes = plt.subplots(1, nb, figsize=(3.0 * nb, 3.0), squeeze=False)
+    for b in range(nb):
+        ax = axes[0][b]
+        occ = (support.counts[b] >= support.min_count).T.astype(float)
+        ax.pcolormesh(support.mag_edges[b], 10 ** support.lsig_edges[b],
+                      np.where(occ > 0, np.log10(support.counts[b].T + 1), np.nan),
+                      cmap="Blues", shading="flat", rasterized=True)
+        use = mask[:, b]
+        ok, bad = use & ins[:, b], use & ~ins[:, b]
+        ax.scatter(x[ok, b], x[ok, nb + b], s=1, c="k", alpha=0.3, lw=0, rasterized=True)
+        ax.scatter(x[bad, b], x[bad, nb + b], s=6, c="C3", marker="x", lw=0.7)
+        ax.set_yscale("log")
+        ax.set_xlabel(f"{support.bands[b]} [AB mag]")
+        ax.set_title(f"{support.bands[b]}: {100 * fr[support.bands[b]]:.1f}% inside", fontsize=9)
+        if b == 0:
+            ax.set_ylabel(r"$\sigma$ [mag]")
+        good = use & np.isfinite(x[:, b])
+        if good.any():
+            lo, hi = np.percentile(x[good, b], [0.1, 99.9])
+            ax.set_xlim(min(lo, support.mag_edges[b][0]) - 0.5, hi + 1.5)
+    fig.suptitle("training set (blue cells) vs catalog (black; red x: outside)", fontsize=9)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=90)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# catalog inference with masks, support checks and counts
+# ---------------------------------------------------------------------------------------------
+class CatalogInference(NamedTuple):
+    """What :func:`infer_catalog` returns.
+
+    table : astropy Table, one row per catalog row (NaN summaries for rows not fit), with
+        ``flag`` (row bits, :mod:`sedflow_jax.catalog`), ``band_flag_<band>`` (band bits),
+        ``n_bands_used``, ``fit`` (bool);
+    samples : :class:`sedflow_jax.posterior.Samples` of the fitted rows (``rows`` index them);
+    rows : (m,) indices of the fitted rows; photometry : the reader's
+        :class:`sedflow_jax.catalog.Photometry` (mask updated by the support check);
+    report : JSON-ready dict of counts, support fractions, timings and acceptance.
+    """
+
+    table: object
+    samples: object
+    rows: np.ndarray
+    photometry: object
+    report: dict
+
+
+#: what to do with a band outside the training support (see :func:`infer_catalog`)
+NOISE_POLICIES = ("auto", "mask", "flag", "ood")
+
+
+def noise_ood_rows(photometry) -> np.ndarray:
+    """(n,) True for rows fit with a band outside the training support (policy 'ood')."""
+    from . import catalog as C
+
+    return (((photometry.band_flag & C.BAND_NOISE_OOS) > 0) & photometry.mask).any(1)
+
+
+def prepare_catalog(posterior, catalog, *, snr_floor=None, noise_policy: str = "auto",
+                    min_bands=None, **read_kw):
+    """Read a catalog for ``posterior``: band masks, support checks, row flags (no sampling).
+
+    Arguments as :func:`infer_catalog`. Returns ``(photometry, x, use, report)``: the
+    :class:`~sedflow_jax.catalog.Photometry` with ``mask`` / ``band_flag`` / ``flag`` updated by
+    the support check, the conditioning x (n, 2 nb + 1) [mags, sigma_mags, z] (NaN where a
+    band cannot be measured), ``use`` (n,) rows to fit (``flag == 0``), and a dict of counts.
+    """
+    from . import catalog as C
+
+    if noise_policy not in NOISE_POLICIES:
+        raise ValueError(f"noise_policy must be one of {NOISE_POLICIES}, got {noise_policy!r}")
+    aware = posterior.mask_aware
+    policy = ("mask" if aware else "ood") if noise_policy == "auto" else noise_policy
+    if policy == "mask" and not aware:
+        raise ValueError("noise_policy='mask' needs a mask-aware posterior "
+                         "(train_posterior(..., band_dropout=p))")
+    if min_bands is None:
+        min_bands = int(posterior.meta.get("band_mask", {}).get("min_bands", len(posterior.bands)))
+    ph = C.read_photometry(catalog, posterior.bands, z_range=(posterior.prior.zmin,
+                                                               posterior.prior.zmax),
+                           snr_floor=snr_floor, mask_bands=aware, min_bands=min_bands, **read_kw)
+    x = C.to_conditioning(ph.flux, ph.sigma, ph.z)
+    mask = ph.mask.copy()
+    band_flag = ph.band_flag.copy()
+    flag = ph.flag.copy()
+    support = posterior.support
+    report = {"n_rows": int(len(flag)), "reader_counts": dict(ph.counts),
+              "band_counts": {b: dict(v) for b, v in ph.band_counts.items()},
+              "noise_policy": policy, "mask_aware": bool(aware), "snr_floor": snr_floor}
+    if support is not None:
+        ins = support.band_inside(x)
+        oos = mask & ~ins & (flag == 0)[:, None]
+        report["support_fraction"] = support_fractions(support, x[flag == 0], mask[flag == 0])
+        report["n_bands_out_of_support"] = {b: int(oos[:, i].sum())
+                                            for i, b in enumerate(posterior.bands)}
+        band_flag[oos] |= C.BAND_NOISE_OOS
+        if policy == "mask":
+            mask &= ~oos
+            few = (flag == 0) & (mask.sum(1) < min_bands)
+            flag[few] |= C.FLAG_TOO_FEW_BANDS
+        elif policy == "flag":
+            flag[oos.any(1)] |= C.FLAG_NOISE_OOS
+        # policy 'ood': fit, with the row marked ood (see noise_ood_rows)
+        report["n_rows_noise_out_of_support"] = int(oos.any(1).sum())
+    use = flag == 0
+    if not aware:
+        # the plain flow needs every band: rows the reader masked are flagged
+        flag[use & ~mask.all(1)] |= C.FLAG_TOO_FEW_BANDS
+        use = flag == 0
+    xs = x[use]
+    # box check on the used entries (magnitudes beyond the training range, z)
+    ood_box = posterior.out_of_support(xs, mask[use] if aware else None)
+    report["n_rows_outside_training_range"] = int(ood_box.sum())
+    if policy != "ood":  # 'ood': fit, sample_batched marks them ood
+        flag[np.flatnonzero(use)[ood_box]] |= C.FLAG_NOISE_OOS
+    use = flag == 0
+    rows = np.flatnonzero(use)
+    report["n_rows_fit"] = int(rows.size)
+    report["n_rows_not_fit"] = int((~use).sum())
+    report["n_rows_fit_with_masked_bands"] = int((~mask[use]).any(1).sum())
+    report["n_masked_bands_in_fit_rows"] = {b: int((~mask[use, i]).sum())
+                                            for i, b in enumerate(posterior.bands)}
+    report["row_flag_counts"] = {name: int(np.sum(flag & bit > 0))
+                                 for bit, name in C.FLAG_NAMES.items()}
+    ph = ph._replace(mask=mask, band_flag=band_flag, flag=flag)
+    return ph, x, use, report
+
+
+def infer_catalog(posterior, catalog, *, key=0, n_samples: int = 1000, n_derived: int = 200,
+                  model=None, snr_floor=None, noise_policy: str = "auto", min_bands=None,
+                  max_rows: int = 65536, derived: bool = True, **read_kw) -> CatalogInference:
+    """Posteriors for every usable row of a real catalog, with band masks and support checks.
+
+    posterior : an :class:`~sedflow_jax.posterior.AmortizedPosterior` (mask-aware or not).
+    catalog : astropy Table or path; ``read_kw`` go to :func:`sedflow_jax.catalog.read_photometry`
+        (``vector_flux='MODELFLUX'``, ``vector_ivar=...``, ``extinction=...``, ``z_col='Z'``, ...).
+    snr_floor : bands with flux * sqrt(ivar) below it are masked (mask-aware) or flag the row.
+    noise_policy : what to do with a band whose (mag, sigma_mag) lies outside the training
+        support: 'mask' (mask it; the row is flagged if fewer than ``min_bands`` remain),
+        'flag' (flag the row ``FLAG_NOISE_OOS``, do not fit it), 'ood' (fit it, mark the row
+        ``ood`` and the band ``BAND_NOISE_OOS``: an extrapolation, counted), 'auto' = 'mask'
+        for mask-aware posteriors, else 'ood' (what ``infer`` always did with x outside the
+        training range).
+    Rows with a flag are not fit. Returns a :class:`CatalogInference`.
+    """
+    import jax
+    from astropy.table import Table
+
+    from .posterior import summarize
+
+    t0 = time.perf_counter()
+    ph, x, use, report = prepare_catalog(posterior, catalog, snr_floor=snr_floor,
+                                         noise_policy=noise_policy, min_bands=min_bands,
+                                         **read_kw)
+    aware = posterior.mask_aware
+    mask, band_flag, flag = ph.mask, ph.band_flag, ph.flag
+    rows = np.flatnonzero(use)
+    t_read = time.perf_counter() - t0
+    k = jax.random.key(key) if isinstance(key, (int, np.integer)) else key
+    t1 = time.perf_counter()
+    s = posterior.sample_batched(k, x[rows], n_samples, mask=mask[rows] if aware else None,
+                                 max_rows=max_rows)
+    t_sample = time.perf_counter() - t1
+    if derived:
+        if model is None:
+            import sedflow_jax as sj
+            model = sj.load_model(filters=list(posterior.bands), z_max=posterior.prior.zmax)
+        summ = summarize(s, model=model, z=ph.z[rows], n_derived=n_derived)
+    else:
+        summ = summarize(s)
+    t_total = time.perf_counter() - t0
+    full = Table()
+    n = len(flag)
+    for col in summ.colnames:
+        v = np.asarray(summ[col])
+        if v.dtype.kind == "b":
+            arr = np.zeros(n, bool)
+        elif v.dtype.kind in "iu":
+            arr = np.zeros(n, v.dtype)
+        else:
+            arr = np.full(n, np.nan, v.dtype)
+        arr[rows] = v
+        full[col] = arr
+    full["ood"] = np.asarray(full["ood"], bool) | (noise_ood_rows(ph) & use)
+    full["fit"] = use
+    full["flag"] = flag
+    full["n_bands_used"] = mask.sum(1)
+    for i, b in enumerate(posterior.bands):
+        full[f"band_flag_{b}"] = band_flag[:, i]
+    acc = np.asarray(s.acceptance, float)
+    report.update({
+        "n_samples": int(n_samples),
+        "acceptance_mean": float(acc.mean()) if acc.size else float("nan"),
+        "acceptance_median": float(np.median(acc)) if acc.size else float("nan"),
+        "n_low_acceptance": int(np.sum(s.low_acceptance)),
+        "time_read_s": t_read, "time_sample_s": t_sample, "time_total_s": t_total,
+        "galaxies_per_s_sampling": float(rows.size / max(t_sample, 1e-9)),
+    })
+    full.meta["report"] = report
+    return CatalogInference(full, s, rows, ph, report)
