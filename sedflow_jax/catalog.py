@@ -97,6 +97,64 @@ def _band_matrix(t, spec, bands, what):
     return a
 
 
+_NMGY_NAMES = ("nanomaggy", "nanomaggies", "nmgy", "")
+
+
+def _column_nmgy(t, fc: str, ic: str, sentinels):
+    """(flux [nanomaggies], ivar [nanomaggies^-2]) of one band from its two columns.
+
+    Units are read from the columns: none or nanomaggies -- used as they are; any spectral flux
+    density (Jy, uJy, nJy, erg/s/cm^2/Hz) -- converted (the ivar column in the inverse square
+    of the same unit, or of its own unit if it has one); AB magnitudes (unit ``mag`` or
+    ``AB``) -- flux = 10^((22.5 - m) / 2.5), and the second column is the magnitude error
+    (unit ``mag``: sigma_f = f ln(10)/2.5 sigma_m) or, with unit ``1/mag2``, its inverse
+    variance. Magnitude sentinels (e.g. -99, 99 for "not measured") stay sentinels.
+    """
+    import astropy.units as u
+
+    f = np.ma.filled(np.ma.asarray(t[fc], float), np.nan)
+    iv = np.ma.filled(np.ma.asarray(t[ic], float), np.nan)
+    fu, iu = getattr(t[fc], "unit", None), getattr(t[ic], "unit", None)
+    if fu is None or str(fu) in _NMGY_NAMES:
+        return f, iv
+    nmgy = 3.631 * u.uJy
+    try:
+        fu = u.Unit(str(fu), parse_strict="raise")
+    except ValueError:
+        raise CatalogError(f"column {fc} has unit {str(fu)!r}, which astropy cannot parse; give "
+                           "nanomaggies, a flux density (Jy, uJy, ...) or AB magnitudes") from None
+    if fu in (u.mag, u.ABmag) or str(fu) in ("mag", "AB", "mag(AB)"):
+        bad = np.zeros(f.shape, bool)
+        for v in tuple(sentinels or ()) + (99.0, -99.0):
+            bad |= (f == v) | (iv == v)
+        with np.errstate(invalid="ignore", over="ignore"):
+            flux = 10.0 ** ((22.5 - f) / 2.5)
+            if iu is not None and str(iu) in ("1 / mag2", "mag-2", "1/mag2", "1 / mag(AB)2"):
+                smag = np.where(iv > 0, 1.0 / np.sqrt(np.where(iv > 0, iv, 1.0)), -1.0)
+            else:
+                smag = iv
+            sig = flux * np.log(10.0) / 2.5 * smag
+            ivar = np.where(smag > 0, 1.0 / np.where(smag > 0, sig, 1.0) ** 2, 0.0 * smag - 1.0)
+        sentinel = (sentinels or (-9999.0,))[0]
+        return np.where(bad, sentinel, flux), np.where(bad, sentinel, ivar)
+    try:
+        k = (1.0 * fu).to(nmgy, equivalencies=u.spectral_density(1 * u.um)).value
+    except u.UnitConversionError:
+        raise CatalogError(f"column {fc} has unit {fu}; fluxes must be in nanomaggies, a flux "
+                           "density (Jy, uJy, ...) or AB magnitudes") from None
+    if not fu.is_equivalent(u.Jy):
+        raise CatalogError(f"column {fc} has unit {fu}: a flux density per unit frequency "
+                           "(f_nu) is needed")
+    ki = 1.0 / k**2
+    if iu is not None and str(iu) not in _NMGY_NAMES:
+        try:
+            ki = (1.0 * u.Unit(str(iu))).to(nmgy**-2).value
+        except (ValueError, u.UnitConversionError):
+            raise CatalogError(f"column {ic} has unit {iu}; expected an inverse flux "
+                               f"density squared matching {fc}") from None
+    return f * k, iv * ki
+
+
 def read_photometry(table, bands: Sequence[str], *, flux_fmt="flux_{band}",
                     ivar_fmt="flux_ivar_{band}", z_col="z", vector_flux=None, vector_ivar=None,
                     z_range=None, extinction=None, sentinels=DEFAULT_SENTINELS, snr_floor=None,
@@ -135,12 +193,9 @@ def read_photometry(table, bands: Sequence[str], *, flux_fmt="flux_{band}",
         missing = [c for c in fc + ic if c not in t.colnames]
         if missing:
             raise CatalogError(f"catalog is missing columns {missing} (have {t.colnames[:20]})")
-        for c in fc:
-            unit = getattr(t[c], "unit", None)
-            if unit is not None and str(unit) not in ("nanomaggy", "nmgy", "nanomaggies", ""):
-                raise CatalogError(f"column {c} has unit {unit}; fluxes must be in nanomaggies")
-        flux = np.column_stack([np.ma.filled(np.ma.asarray(t[c], float), np.nan) for c in fc])
-        ivar = np.column_stack([np.ma.filled(np.ma.asarray(t[c], float), np.nan) for c in ic])
+        pairs = [_column_nmgy(t, f, i, sentinels) for f, i in zip(fc, ic)]
+        flux = np.column_stack([p[0] for p in pairs])
+        ivar = np.column_stack([p[1] for p in pairs])
     if z_col not in t.colnames:
         raise CatalogError(f"catalog has no redshift column {z_col!r}")
     if snr_floor is not None and not np.isfinite(snr_floor):

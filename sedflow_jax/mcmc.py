@@ -845,18 +845,21 @@ _COMPILED: "OrderedDict" = OrderedDict()
 _COMPILED_MAX = 16
 
 
-def _cache_get(key, build):
+def _cache_get(key, build, cache=None, max_size=None):
+    """LRU look-up of ``key`` in ``cache`` (default: the compiled-function cache)."""
+    if cache is None:
+        cache, max_size = _COMPILED, _COMPILED_MAX
     try:
         hash(key)
     except TypeError:
         return build()
-    if key in _COMPILED:
-        _COMPILED.move_to_end(key)
-        return _COMPILED[key]
+    if key in cache:
+        cache.move_to_end(key)
+        return cache[key]
     val = build()
-    _COMPILED[key] = val
-    while len(_COMPILED) > _COMPILED_MAX:
-        _COMPILED.popitem(last=False)
+    cache[key] = val
+    while len(cache) > max_size:
+        cache.popitem(last=False)
     return val
 
 
@@ -1060,18 +1063,7 @@ def _get_mcmc(target: Target, sampler: str, space: str, num_chains, num_warmup, 
     kw_key = tuple(sorted((k, repr(v)) for k, v in kernel_kw.items()))
     key = (sampler, space, num_chains, num_warmup, num_samples, thinning, chain_method,
            kw_key) + _target_key(target)
-    try:
-        hash(key)
-    except TypeError:
-        return build()
-    if key in _MCMC_CACHE:
-        _MCMC_CACHE.move_to_end(key)
-        return _MCMC_CACHE[key]
-    mc = build()
-    _MCMC_CACHE[key] = mc
-    while len(_MCMC_CACHE) > _MCMC_CACHE_MAX:
-        _MCMC_CACHE.popitem(last=False)
-    return mc
+    return _cache_get(key, build, _MCMC_CACHE, _MCMC_CACHE_MAX)
 
 
 def _resolve_target(model_or_target, flux, sigma, z, mask, cov, prior, gamma_density,

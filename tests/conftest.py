@@ -26,3 +26,23 @@ def model():
 
 
 THETA0 = np.array([10.0, 0.25, 0.25, 0.25, 0.25, 0.1, 2.0, 1e-3, 1e-3, 0.5, 0.5, -0.3])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code():
+    """Drop compiled XLA executables after each test module.
+
+    The suite compiles hundreds of programs in one process; on the 2-core CI machine a
+    20-minute session once ended in a segfault inside XLA's CPU runtime. Releasing the jit
+    caches between modules keeps the loaded code small (modules rebuild what they need)."""
+    yield
+    import gc
+
+    import jax
+
+    from sedflow_jax import mcmc
+
+    mcmc._MCMC_CACHE.clear()
+    mcmc._COMPILED.clear()
+    jax.clear_caches()
+    gc.collect()

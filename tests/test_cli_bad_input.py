@@ -302,3 +302,38 @@ def test_overwrite_replaces(tmp_path, capsys):
                      "--overwrite"]) == 0
     t = Table.read(p)
     assert len(t) == 1 and json.loads(t.meta[cli.TABLE_CONFIG_KEY])["overwrite"] is True
+
+
+def test_catalog_units_magnitudes_and_jansky():
+    """Fluxes given as AB magnitudes (+ errors) or in uJy read as the same nanomaggies; a
+    non-flux unit is refused."""
+    import astropy.units as u
+    from astropy.table import Table
+
+    from sedflow_jax import catalog as C
+
+    bands = ("g", "r")
+    f = np.array([[10.0, 25.0], [3.0, 0.5]])  # nanomaggies
+    sig = np.array([[0.5, 1.0], [0.2, 0.1]])
+    ref = Table({"flux_g": f[:, 0], "flux_ivar_g": 1 / sig[:, 0] ** 2,
+                 "flux_r": f[:, 1], "flux_ivar_r": 1 / sig[:, 1] ** 2, "z": [0.1, 0.05]})
+    p0 = C.read_photometry(ref, bands)
+    mag = Table({"z": [0.1, 0.05]})
+    jy = Table({"z": [0.1, 0.05]})
+    for i, b in enumerate(bands):
+        mag[f"m_{b}"] = (22.5 - 2.5 * np.log10(f[:, i])) * u.mag
+        mag[f"e_{b}"] = (2.5 / np.log(10) * sig[:, i] / f[:, i]) * u.mag
+        jy[f"F_{b}"] = f[:, i] * 3.631 * u.uJy
+        jy[f"I_{b}"] = 1 / (sig[:, i] * 3.631) ** 2 * u.uJy ** -2
+    mag["m_r"][1], mag["e_r"][1] = 99.0, 99.0  # "not measured"
+    p1 = C.read_photometry(mag, bands, flux_fmt="m_{band}", ivar_fmt="e_{band}", mask_bands=True)
+    np.testing.assert_allclose(p1.flux[0], p0.flux[0], rtol=1e-10)
+    np.testing.assert_allclose(p1.sigma[0], p0.sigma[0], rtol=1e-10)
+    assert not p1.mask[1, 1] and p1.band_flag[1, 1] & C.BAND_SENTINEL
+    p2 = C.read_photometry(jy, bands, flux_fmt="F_{band}", ivar_fmt="I_{band}")
+    np.testing.assert_allclose(p2.flux, p0.flux, rtol=1e-10)
+    np.testing.assert_allclose(p2.sigma, p0.sigma, rtol=1e-10)
+    bad = ref.copy()
+    bad["flux_g"].unit = u.erg / u.s / u.cm**2 / u.AA
+    with pytest.raises(C.CatalogError, match="per unit frequency|flux density"):
+        C.read_photometry(bad, bands)
