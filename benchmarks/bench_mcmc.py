@@ -40,17 +40,10 @@ def _fmt(r):
 
 
 def mock_galaxy(model, seed, z):
-    import jax
-    import jax.numpy as jnp
+    from sedflow_jax.catalog import mock_galaxy as mock
 
-    from sedflow_jax import noise as N
-    from sedflow_jax import prior as P
-
-    s = np.asarray(P.sample_sampling(jax.random.key(seed), P.provabgs_prior(), 1))[0]
-    flux = model.photometry(P.from_sampling(jnp.asarray(s)), z)
-    noisy = N.add_noise(jax.random.key(10_000 + seed), N.default_noise_model(model.filter_names),
-                        flux)
-    return s, np.asarray(noisy.flux, float), np.asarray(noisy.sigma, float)
+    g = mock(model, z, seed, 10_000 + seed)
+    return g.s, g.flux, g.sigma
 
 
 def main():

@@ -18,7 +18,6 @@ import json
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 
@@ -43,7 +42,6 @@ def main(argv=None):
     import sedflow_jax as sj
     from sedflow_jax import catalog as C
     from sedflow_jax import mcmc as M
-    from sedflow_jax import noise as N
     from sedflow_jax import prior as P
     from sedflow_jax.posterior import AmortizedPosterior
 
@@ -57,16 +55,13 @@ def main(argv=None):
             print(f"time cap reached after {g} galaxies")
             break
         key = jax.random.key(a.seed + g)
-        s = np.asarray(P.sample_sampling(jax.random.fold_in(key, 0), P.provabgs_prior(), 1))[0]
-        f0 = model.photometry(np.asarray(P.from_sampling(jnp.asarray(s))), a.z)
-        nz = N.add_noise(jax.random.fold_in(key, 1), N.default_noise_model(model.filter_names), f0)
-        flux, sigma = np.asarray(nz.flux, float), np.asarray(nz.sigma, float)
+        s, _, flux, sigma = C.mock_galaxy(model, a.z, jax.random.fold_in(key, 0),
+                                          jax.random.fold_in(key, 1))
         x = C.to_conditioning(flux[None], sigma[None], np.array([a.z]))
         t0 = time.perf_counter()
         fs = post.sample_batched(jax.random.fold_in(key, 2), x, a.flow_n)
         t_flow = time.perf_counter() - t0
-        flow_s = np.asarray(fs.s[0])
-        flow_s = flow_s[np.isfinite(flow_s).all(-1)]
+        flow_s = fs.draws(0)[0]
         res = {"flow": (flow_s, t_flow, None)}
         init = flow_s if len(flow_s) >= a.walkers else "optimize"
         r = M.run_nuts(jax.random.fold_in(key, 3), model, flux, sigma, a.z,

@@ -16,14 +16,12 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import sedflow_jax as sj
 from sedflow_jax import catalog as C
 from sedflow_jax import diagnostics as D
 from sedflow_jax import mcmc as M
-from sedflow_jax import noise as N
 from sedflow_jax import prior as P
 from sedflow_jax.posterior import AmortizedPosterior
 
@@ -61,13 +59,8 @@ def main(argv=None):
 
     # the mock galaxy: truth from the prior, noisy photometry from the noise model
     key = jax.random.key(a.seed)
-    s_true = np.asarray(P.sample_sampling(jax.random.fold_in(key, 0), P.provabgs_prior(), 1))[0]
-    theta_true = np.asarray(P.from_sampling(jnp.asarray(s_true)))
-    flux0 = model.photometry(theta_true, a.z)
-    noisy = N.add_noise(jax.random.fold_in(key, 1), N.default_noise_model(model.filter_names),
-                        flux0)
-    flux = np.asarray(noisy.flux, np.float64)
-    sigma = np.asarray(noisy.sigma, np.float64)
+    s_true, _, flux, sigma = C.mock_galaxy(model, a.z, jax.random.fold_in(key, 0),
+                                           jax.random.fold_in(key, 1))
 
     # the flow: 10^4 draws (timed after a warm-up call, as a user would see it per galaxy)
     x = C.to_conditioning(flux[None], sigma[None], np.array([a.z]))
@@ -75,8 +68,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     fs = post.sample_batched(jax.random.fold_in(key, 3), x, a.n_samples)
     t_flow = time.perf_counter() - t0
-    flow_s = np.asarray(fs.s[0])
-    flow_s = flow_s[np.isfinite(flow_s).all(-1)]
+    flow_s, flow_theta = fs.draws(0)
 
     # NUTS on the same model and prior (SEDflow's log-uniform gamma), started from flow draws
     res = M.run_nuts(jax.random.fold_in(key, 4), model, flux, sigma, a.z,
@@ -95,8 +87,7 @@ def main(argv=None):
     names = list(P.SAMPLING_NAMES)
     D.plot_corner({"SEDflow (flow)": flow_s, "NUTS": res.flat_samples}, names, s_true,
                   out / "corner.png")
-    D.plot_sed_fit(model, np.asarray(fs.theta[0])[np.isfinite(fs.theta[0]).all(-1)], a.z,
-                   flux, sigma, out / "sed.png")
+    D.plot_sed_fit(model, flow_theta, a.z, flux, sigma, out / "sed.png")
 
     med_flow = np.median(flow_s, 0) if len(flow_s) else np.full(11, np.nan)
     med_nuts = np.median(res.flat_samples, 0)

@@ -315,3 +315,36 @@ def mock_catalog(key, n: int, *, model=None, prior=None, noise=None, max_tries: 
     t.meta["bands"] = list(bands)
     t.meta["origin"] = "sedflow_jax.mock_catalog (prior draws + noise model)"
     return t
+
+
+class MockGalaxy(NamedTuple):
+    """One mock galaxy at a fixed redshift: the truth and its noisy photometry."""
+
+    s: np.ndarray  # (11,) true parameters in the sampling space
+    theta: np.ndarray  # (12,) true PROVABGS parameters
+    flux: np.ndarray  # (n_bands,) noisy fluxes [nanomaggies], float64
+    sigma: np.ndarray  # (n_bands,) their 1-sigma errors [nanomaggies], float64
+
+
+def mock_galaxy(model, z: float, key_theta, key_noise, *, prior=None, noise=None) -> MockGalaxy:
+    """A single mock galaxy: s ~ ``prior`` (default PROVABGS) drawn with ``key_theta``, the
+    model's photometry at redshift ``z``, noise from ``noise`` (default: the package's noise
+    model for ``model.filter_names``) drawn with ``key_noise``. Unlike :func:`mock_catalog`
+    nothing is redrawn: the noise model's cuts are not applied (MCMC fits any such galaxy).
+    Keys: jax PRNG keys or int seeds."""
+    import jax
+    import jax.numpy as jnp
+
+    from . import noise as N
+    from . import prior as P
+
+    def as_key(k):
+        return jax.random.key(k) if isinstance(k, (int, np.integer)) else k
+
+    prior = prior or P.provabgs_prior()
+    noise = noise or N.default_noise_model(model.filter_names)
+    s = np.asarray(P.sample_sampling(as_key(key_theta), prior, 1))[0]
+    theta = np.asarray(P.from_sampling(jnp.asarray(s)))
+    noisy = N.add_noise(as_key(key_noise), noise, model.photometry(theta, z))
+    return MockGalaxy(s, theta, np.asarray(noisy.flux, np.float64),
+                      np.asarray(noisy.sigma, np.float64))

@@ -32,7 +32,6 @@ def run_demo(out, size: str = "small", *, seed: int = 0, overrides: dict | None 
              progress: bool = True) -> dict:
     """Run every stage into folder ``out``; returns the summary dict (also written to disk)."""
     import jax
-    from astropy.table import Table
 
     import sedflow_jax as sj
     from sedflow_jax import catalog as C
@@ -101,7 +100,7 @@ def run_demo(out, size: str = "small", *, seed: int = 0, overrides: dict | None 
 
     t = stage(f"4/6 NUTS on {cfg['n_mcmc']} catalog galaxies (started from the flow's draws)")
     rows = list(range(cfg["n_mcmc"]))
-    flow_init = {r: np.asarray(smp.s[r])[np.isfinite(smp.s[r]).all(-1)] for r in rows}
+    flow_init = {r: smp.draws(r)[0] for r in rows}
     summ_mcmc, results = M.run_mcmc_catalog(
         cat, rows, "nuts", out / "mcmc", model=model, key=seed, return_results=True,
         progress=progress, init_samples={r: v for r, v in flow_init.items() if len(v)},
@@ -112,12 +111,12 @@ def run_demo(out, size: str = "small", *, seed: int = 0, overrides: dict | None 
         res = results.get(r)
         if res is None:
             continue
-        flow_s = smp.s[r][np.isfinite(smp.s[r]).all(-1)]
+        flow_s, flow_theta = smp.draws(r)
         truth = np.asarray(sj.prior.to_sampling(
             np.array([[cat[n][r] for n in sj.PARAM_NAMES]], np.float32)))[0]
         D.plot_corner({"SEDflow (flow)": flow_s, "NUTS": res.flat_samples},
                       list(sj.prior.SAMPLING_NAMES), truth, fig_dir / f"corner_galaxy{r}.png")
-        D.plot_sed_fit(model, smp.theta[r][np.isfinite(smp.theta[r]).all(-1)], float(cat["z"][r]),
+        D.plot_sed_fit(model, flow_theta, float(cat["z"][r]),
                        ph.flux[r], ph.sigma[r], fig_dir / f"sed_galaxy{r}.png")
 
     t = stage(f"5/6 calibration (SBC, p-p) on {cfg['n_test']} fresh mock galaxies")

@@ -42,6 +42,14 @@ class Samples(NamedTuple):
     low_acceptance: np.ndarray
     ood: np.ndarray
 
+    def draws(self, i=None):
+        """The filled draws of galaxy ``i`` (or of a single-galaxy Samples when None), NaN
+        rows dropped: ``(s (k, 11), theta (k, 12))``, k <= n."""
+        s, theta = (self.s, self.theta) if i is None else (self.s[i], self.theta[i])
+        s, theta = np.asarray(s), np.asarray(theta)
+        ok = np.isfinite(s).all(-1) & np.isfinite(theta).all(-1)
+        return s[ok], theta[ok]
+
 
 @dataclasses.dataclass
 class AmortizedPosterior:

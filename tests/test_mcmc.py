@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from sedflow_jax import diagnostics as D
+from sedflow_jax.catalog import mock_galaxy
 from sedflow_jax import mcmc as M
-from sedflow_jax import noise as N
 from sedflow_jax import prior as P
 
 # ------------------------------------------------------------------------------------------
@@ -186,12 +186,8 @@ def sdss_model():
 
 
 def _mock(model, seed):
-    pr = P.provabgs_prior()
-    s = np.asarray(P.sample_sampling(jax.random.key(seed), pr, 1))[0]
-    flux = model.photometry(P.from_sampling(jnp.asarray(s)), Z_GAL)
-    noisy = N.add_noise(jax.random.key(1000 + seed), N.default_noise_model(model.filter_names),
-                        flux)
-    return s, np.asarray(noisy.flux, np.float64), np.asarray(noisy.sigma, np.float64)
+    g = mock_galaxy(model, Z_GAL, seed, 1000 + seed)
+    return g.s, g.flux, g.sigma
 
 
 def test_galaxy_target_is_prior_plus_gaussian_likelihood(sdss_model):
