@@ -134,7 +134,9 @@ def _column_nmgy(t, fc: str, ic: str, sentinels):
             else:
                 smag = iv
             sig = flux * np.log(10.0) / 2.5 * smag
-            ivar = np.where(smag > 0, 1.0 / np.where(smag > 0, sig, 1.0) ** 2, 0.0 * smag - 1.0)
+            # sigma_m <= 0 -> ivar -1 (flagged BAD_IVAR); NaN stays NaN (flagged NONFINITE)
+            ivar = np.where(smag > 0, 1.0 / np.where(smag > 0, sig, 1.0) ** 2,
+                            np.where(np.isfinite(smag), -1.0, np.nan))
         sentinel = (sentinels or (-9999.0,))[0]
         return np.where(bad, sentinel, flux), np.where(bad, sentinel, ivar)
     try:

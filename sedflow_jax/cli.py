@@ -597,7 +597,7 @@ def cmd_train(a):
 def cmd_infer(a):
     """Posterior samples and summaries for every usable row of a catalog."""
     import jax
-    from astropy.table import Table, hstack
+    from astropy.table import hstack
 
     import sedflow_jax as sj
     from sedflow_jax import catalog as C
@@ -614,11 +614,12 @@ def cmd_infer(a):
                        "--distributed need --stream")
     post = AmortizedPosterior.load(a.model)
     zr = (post.prior.zmin, post.prior.zmax)
-    from sedflow_jax.masking import noise_ood_rows, prepare_catalog  # masks, support checks
+    from sedflow_jax.masking import noise_ood_rows, prepare_catalog, scatter_rows
 
+    catalog = C.read_table(a.catalog)  # read once: photometry and the kept columns
     read_kw = {k: v for k, v in (("vector_flux", a.vector_flux), ("vector_ivar", a.vector_ivar),
                                  ("extinction", a.extinction)) if v}
-    ph, x, use, mrep = prepare_catalog(post, C.read_table(a.catalog), snr_floor=a.snr_floor,
+    ph, x, use, mrep = prepare_catalog(post, catalog, snr_floor=a.snr_floor,
                                        noise_policy=a.noise_policy, flux_fmt=a.flux_fmt,
                                        ivar_fmt=a.ivar_fmt, z_col=a.z_column, **read_kw)
     print(f"{len(use)} rows: {int(use.sum())} usable ({mrep['n_rows_fit_with_masked_bands']} "
@@ -634,19 +635,13 @@ def cmd_infer(a):
     model = _get_model(None, post.bands, max(zr[1], 1e-3))
     summ = summarize(s, model=model if a.n_derived > 0 else None, z=ph.z[use],
                      n_derived=a.n_derived)
-    full = Table()
-    for col in summ.colnames:
-        v = np.asarray(summ[col])
-        arr = np.full((len(use),) + v.shape[1:], np.nan if v.dtype.kind == "f" else 0,
-                      dtype=v.dtype if v.dtype.kind != "b" else bool)
-        arr[use] = v
-        full[col] = arr
+    full = scatter_rows(summ, use, len(use))
     full["flag"] = ph.flag
     full["n_bands_used"] = ph.mask.sum(1)
     full["ood"] |= ((ph.flag & (C.FLAG_Z_RANGE | C.FLAG_NOISE_OOS)) > 0) | noise_ood_rows(ph)
-    keep_cols = [c for c in a.keep_columns if c in Table.read(a.catalog).colnames]
+    keep_cols = [c for c in a.keep_columns if c in catalog.colnames]
     if keep_cols:
-        full = hstack([Table.read(a.catalog)[keep_cols], full])
+        full = hstack([catalog[keep_cols], full])
     full.meta.update({"model": str(a.model), "n_samples": a.n_samples, "seed": a.seed,
                       "sedflow_jax_version": sj.__version__, "flag_counts": ph.counts,
                       **_flag_meta(ph.flag), TABLE_CONFIG_KEY: _table_record(a)})

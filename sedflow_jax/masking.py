@@ -315,6 +315,21 @@ class CatalogInference(NamedTuple):
 NOISE_POLICIES = ("auto", "mask", "flag", "ood")
 
 
+def scatter_rows(table, rows, n: int):
+    """An astropy Table of ``n`` rows with ``table``'s rows placed at indices ``rows`` (a bool
+    (n,) selection or indices) and the others empty: NaN floats, 0 integers, False booleans."""
+    from astropy.table import Table
+
+    full = Table()
+    for col in table.colnames:
+        v = np.asarray(table[col])
+        arr = np.full((n,) + v.shape[1:], np.nan if v.dtype.kind == "f" else 0,
+                      dtype=v.dtype if v.dtype.kind != "b" else bool)
+        arr[rows] = v
+        full[col] = arr
+    return full
+
+
 def noise_ood_rows(photometry) -> np.ndarray:
     """(n,) True for rows fit with a band outside the training support (policy 'ood')."""
     from . import catalog as C
@@ -410,7 +425,6 @@ def infer_catalog(posterior, catalog, *, key=0, n_samples: int = 1000, n_derived
     Rows with a flag are not fit. Returns a :class:`CatalogInference`.
     """
     import jax
-    from astropy.table import Table
 
     from .posterior import summarize
 
@@ -435,18 +449,7 @@ def infer_catalog(posterior, catalog, *, key=0, n_samples: int = 1000, n_derived
     else:
         summ = summarize(s)
     t_total = time.perf_counter() - t0
-    full = Table()
-    n = len(flag)
-    for col in summ.colnames:
-        v = np.asarray(summ[col])
-        if v.dtype.kind == "b":
-            arr = np.zeros(n, bool)
-        elif v.dtype.kind in "iu":
-            arr = np.zeros(n, v.dtype)
-        else:
-            arr = np.full(n, np.nan, v.dtype)
-        arr[rows] = v
-        full[col] = arr
+    full = scatter_rows(summ, rows, len(flag))
     full["ood"] = np.asarray(full["ood"], bool) | (noise_ood_rows(ph) & use)
     full["fit"] = use
     full["flag"] = flag
