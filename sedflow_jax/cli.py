@@ -605,8 +605,7 @@ def cmd_infer(a):
 
     if a.stream:
         return _infer_stream(a)
-    if Path(a.out).exists() and not a.overwrite:
-        raise CLIError(f"{a.out} exists (use --overwrite)")
+    _refuse_existing(a.out, a.overwrite)
     _refuse_existing(a.samples, a.overwrite, "--samples file")
     if a.devices not in (None, 1) or a.process_id is not None or a.num_processes is not None \
             or a.coordinator or a.distributed:
