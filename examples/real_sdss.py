@@ -48,9 +48,11 @@ def load_catalog(n_galaxies=None, seed: int = 0, path=CATALOG):
     return t
 
 
-def train_masked_model(out, *, train_rows=200_000, seed=0, max_epochs=200, patience=10,
-                       n_blocks=5, hidden=128, band_dropout=0.5, progress=False):
-    """Simulate ``train_rows`` galaxies and train a mask-aware flow into ``out``."""
+def train_masked_model(out, *, train_rows=1_000_000, seed=0, max_epochs=130, patience=12,
+                       n_blocks=5, hidden=128, band_dropout=0.5, theta_space="logit",
+                       progress=False):
+    """Simulate ``train_rows`` galaxies and train a mask-aware flow into ``out`` (in logit
+    coordinates: every draw lies inside the prior box)."""
     import sedflow_jax as sj
     from sedflow_jax import flow as F
     from sedflow_jax import train as T
@@ -61,7 +63,8 @@ def train_masked_model(out, *, train_rows=200_000, seed=0, max_epochs=200, patie
     tc = T.TrainConfig(seed=seed, batch_size=512, learning_rate=1e-3, patience=patience,
                        max_epochs=max_epochs, progress=progress)
     post, res = sj.train_posterior(str(out / "trainset"), out / "model", flow_config=fc,
-                                   train_config=tc, seed=seed, band_dropout=band_dropout)
+                                   train_config=tc, seed=seed, band_dropout=band_dropout,
+                                   theta_space=theta_space)
     return post, res
 
 
@@ -108,9 +111,28 @@ def speagle2014_sfs(logm, z=0.1):
     return (0.84 - 0.026 * t) * logm - (6.51 - 0.11 * t)
 
 
-def plot_mass_sfr(table, logm_taylor, path, *, title="", colour=None):
-    """Two panels: SEDflow log M* vs Taylor+11, and log SFR(100 Myr) vs log M* (with the
-    Speagle+14 sequence; points coloured by ``colour``, e.g. rest-frame g - i, if given).
+def prior_ssfr_quantiles(model, prior=None, z=0.1, n=20_000, seed=0, q=(16, 50, 84)):
+    """Quantiles of the PROVABGS prior's log specific SFR (per surviving mass, [1/yr]) at redshift
+    ``z``, over 100 Myr and over 1 Gyr: {'100myr': (3,), '1gyr': (3,)}. The prior's sSFR does not
+    depend on M*, so its band in the SFR-M* plane is log SFR = log M* + these values."""
+    import jax
+
+    from sedflow_jax import prior as P
+
+    prior = P.provabgs_prior() if prior is None else prior
+    th = np.asarray(P.sample(jax.random.key(seed), prior, n))
+    d = model.derived(th, np.full(n, z))
+    lm = np.asarray(d.logmstar_surviving, float)
+    with np.errstate(divide="ignore"):
+        return {k: np.percentile(np.log10(np.asarray(v, float)) - lm, q)
+                for k, v in (("100myr", d.sfr_100myr), ("1gyr", d.sfr_1gyr))}
+
+
+def plot_mass_sfr(table, logm_taylor, path, *, title="", colour=None, prior_ssfr=None):
+    """Three panels: SEDflow log M* vs Taylor+11, and log SFR averaged over 100 Myr and over
+    1 Gyr (SEDflow's catalog quantity) vs log M* (with the Speagle+14 sequence; points coloured by
+    ``colour``, e.g. rest-frame g - i, if given; ``prior_ssfr`` from :func:`prior_ssfr_quantiles`
+    adds the prior's 16-50-84 % band, so one sees where the data move galaxies off the prior).
     Returns (median offset, robust scatter) of the mass comparison."""
     import matplotlib
 
@@ -118,12 +140,11 @@ def plot_mass_sfr(table, logm_taylor, path, *, title="", colour=None):
     import matplotlib.pyplot as plt
 
     lm = np.asarray(table["logmstar_surviving_p50"], float)
-    sfr = np.asarray(table["log_sfr_100myr_p50"], float)
     ok = np.isfinite(lm) & np.isfinite(logm_taylor)
     d = lm[ok] - logm_taylor[ok]
     off = float(np.median(d))
     scat = float(1.4826 * np.median(np.abs(d - off)))
-    fig, ax = plt.subplots(1, 2, figsize=(9.0, 4.0))
+    fig, ax = plt.subplots(1, 3, figsize=(13.5, 4.0))
     ax[0].scatter(logm_taylor[ok], lm[ok], s=2, c="k", alpha=0.3, lw=0, rasterized=True)
     lim = np.percentile(np.concatenate([lm[ok], logm_taylor[ok]]), [0.5, 99.5]) + [-0.2, 0.2]
     ax[0].plot(lim, lim, "C3-", lw=1, label="1:1")
@@ -134,23 +155,32 @@ def plot_mass_sfr(table, logm_taylor, path, *, title="", colour=None):
     ax[0].set_title(f"offset {off:+.2f} dex, scatter {scat:.2f} dex (N={int(ok.sum())})",
                     fontsize=9)
     ax[0].legend(loc="upper left", fontsize=8)
-    ok2 = np.isfinite(lm) & np.isfinite(sfr)
-    if colour is None:
-        ax[1].scatter(lm[ok2], np.clip(sfr[ok2], -4, None), s=2, c="k", alpha=0.3, lw=0,
+    xs = np.linspace(8.5, 12, 50)
+    for a, col, what, pk in ((ax[1], "log_sfr_100myr_p50", "100 Myr", "100myr"),
+                             (ax[2], "log_sfr_1gyr_p50", "1 Gyr", "1gyr")):
+        sfr = np.asarray(table[col], float)
+        ok2 = np.isfinite(lm) & np.isfinite(sfr)
+        if colour is None:
+            a.scatter(lm[ok2], np.clip(sfr[ok2], -4, None), s=2, c="k", alpha=0.3, lw=0,
                       rasterized=True)
-    else:
-        c = np.asarray(colour, float)[ok2]
-        sc = ax[1].scatter(lm[ok2], np.clip(sfr[ok2], -4, None), s=2, c=c, cmap="coolwarm",
+        else:
+            c = np.asarray(colour, float)[ok2]
+            sc = a.scatter(lm[ok2], np.clip(sfr[ok2], -4, None), s=2, c=c, cmap="coolwarm",
                            vmin=np.nanpercentile(c, 5), vmax=np.nanpercentile(c, 95), lw=0,
                            rasterized=True)
-        fig.colorbar(sc, ax=ax[1], label="rest-frame g - i")
-    xs = np.linspace(8.5, 12, 50)
-    ax[1].plot(xs, speagle2014_sfs(xs), "C0-", label="Speagle+14 SFS (z=0.1)")
-    ax[1].set_xlim(8.5, 12)
-    ax[1].set_ylim(-4.2, 2)
-    ax[1].set_xlabel(r"log $M_*$ [M$_\odot$]")
-    ax[1].set_ylabel(r"log SFR(100 Myr) [M$_\odot$/yr] (clipped at -4)")
-    ax[1].legend(loc="lower right", fontsize=8)
+            if a is ax[2]:
+                fig.colorbar(sc, ax=a, label="rest-frame g - i")
+        a.plot(xs, speagle2014_sfs(xs), "C0-", label="Speagle+14 SFS (z=0.1)")
+        if prior_ssfr is not None:
+            q = prior_ssfr[pk]
+            a.fill_between(xs, xs + q[0], xs + q[2], color="0.5", alpha=0.15, lw=0,
+                           label="prior 16-84 % (z=0.1)")
+            a.plot(xs, xs + q[1], color="0.4", ls="--", lw=1, label="prior median")
+        a.set_xlim(8.5, 12)
+        a.set_ylim(-4.2, 2)
+        a.set_xlabel(r"log $M_*$ [M$_\odot$]")
+        a.set_ylabel(f"log SFR({what}) " + r"[M$_\odot$/yr] (clipped at -4)")
+        a.legend(loc="lower right", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -203,8 +233,8 @@ def main(argv=None):
     ap.add_argument("--n-derived", type=int, default=100)
     ap.add_argument("--snr-floor", type=float, default=None)
     ap.add_argument("--noise-policy", default="auto", choices=["auto", "mask", "flag", "ood"])
-    ap.add_argument("--train-rows", type=int, default=200_000)
-    ap.add_argument("--max-epochs", type=int, default=200)
+    ap.add_argument("--train-rows", type=int, default=1_000_000)
+    ap.add_argument("--max-epochs", type=int, default=130)
     ap.add_argument("--blocks", type=int, default=5)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
@@ -255,7 +285,9 @@ def main(argv=None):
     table["gi_rest"] = gi_all
     table["abs_mag_i"] = np.full(len(table), np.nan)
     table["abs_mag_i"][fit] = abs_i
-    off, scat = plot_mass_sfr(table, lm_t, out / "mass_sfr.png", colour=gi_all,
+    pq = prior_ssfr_quantiles(model, post.prior)
+    rep["prior_log_ssfr_16_50_84"] = {k: [float(v) for v in q] for k, q in pq.items()}
+    off, scat = plot_mass_sfr(table, lm_t, out / "mass_sfr.png", colour=gi_all, prior_ssfr=pq,
                               title=f"{len(fit)} SDSS galaxies, 0.01 < z < 0.2, "
                                     f"{a.n_samples} samples each")
     rep["mass_vs_taylor11"] = {"median_offset_dex": off, "robust_scatter_dex": scat,
@@ -269,10 +301,12 @@ def main(argv=None):
             rep["sfs"] = {"n_within_1dex_of_speagle14": int(sf.sum()),
                           "fraction": float(sf.sum() / sel.sum()),
                           "slope": float(np.polyfit(lm[sf], sfr[sf], 1)[0])}
-    ssfr = sfr - lm
-    gi_ok = np.isfinite(ssfr) & np.isfinite(gi_all)
-    if gi_ok.sum() > 10:  # redder galaxies should get lower specific SFRs
-        rep["corr_ssfr_vs_gi_rest"] = float(np.corrcoef(ssfr[gi_ok], gi_all[gi_ok])[0, 1])
+    for col, key in (("log_sfr_100myr_p50", "corr_ssfr_vs_gi_rest"),
+                     ("log_sfr_1gyr_p50", "corr_ssfr_1gyr_vs_gi_rest")):
+        ssfr = np.asarray(table[col], float) - lm
+        gi_ok = np.isfinite(ssfr) & np.isfinite(gi_all)
+        if gi_ok.sum() > 10:  # redder galaxies should get lower specific SFRs
+            rep[key] = float(np.corrcoef(ssfr[gi_ok], gi_all[gi_ok])[0, 1])
     if a.calibration:
         rep["calibration_on_mocks"] = calibration_on_mocks(post, a.calibration)
     table.meta.pop("report", None)

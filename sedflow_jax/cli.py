@@ -580,6 +580,8 @@ def cmd_train(a):
     if a.preset == "paper" or a.blocks or a.hidden:
         src = S.ShardDataset(a.data)  # the flow's dimensions come from the training set
         dims = (src.d_theta, src.d_context)
+        if a.band_dropout is not None:  # mask-aware context: + one 0/1 mask column per band
+            dims = (src.d_theta, src.d_context + (src.d_context - 1) // 2)
         if a.preset == "paper":
             fc = F.FlowConfig.paper(*dims)
         else:
@@ -589,7 +591,8 @@ def cmd_train(a):
                        patience=a.patience, max_epochs=a.max_epochs, progress=not a.quiet)
     _write_config(out, a)
     post, res = train_posterior(a.data, out, flow_config=fc, train_config=tc, seed=a.seed,
-                                resume=a.resume, mesh=mesh)
+                                resume=a.resume, mesh=mesh, band_dropout=a.band_dropout,
+                                min_bands=a.min_bands, theta_space=a.theta_space)
     print(f"trained on {res.n_train} rows (val {res.n_val}); best epoch {res.best_epoch}, "
           f"val loss {res.best_val_loss:.4f}; stopped early: {res.stopped_early}; -> {out}")
 
@@ -948,6 +951,15 @@ def build_parser():
     p.add_argument("--devices", type=_devices_type, default=None,
                    help="data-parallel training over N local devices (or 'all'); "
                         "--batch-size is the global batch")
+    p.add_argument("--band-dropout", type=float, default=None, metavar="P",
+                   help="train a mask-aware posterior (band masks at inference): with "
+                        "probability P a row loses random bands, fresh every epoch")
+    p.add_argument("--min-bands", type=int, default=2,
+                   help="bands a row keeps at least under --band-dropout")
+    p.add_argument("--theta-space", choices=["box", "logit"], default="box",
+                   help="box: the flow models the sampling-space point, draws outside the prior "
+                        "are rejected (SEDflow); logit: the flow models logit coordinates, every "
+                        "draw is inside the prior (acceptance 1)")
     p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=False)
     p.set_defaults(func=cmd_train)

@@ -809,6 +809,11 @@ def load_result(path) -> MCMCResult:
             sampler=meta["sampler"], info=info)
 
 
+def _float_dtype():
+    """JAX's default float dtype now (float32, or float64 under ``jax_enable_x64``)."""
+    return jnp.result_type(float)
+
+
 def _nanmax(a):
     a = np.asarray(a, np.float64)
     return float(np.nanmax(a)) if np.isfinite(a).any() else float("nan")
@@ -942,7 +947,7 @@ def find_map(key, target: Target, *, n_starts: int = 256, n_opt: int = 16, steps
     x0 = target.interior(target.sample_prior(key, n_starts))
     lp0 = evaluate_log_density(target, x0)
     order = np.argsort(-np.nan_to_num(lp0, nan=-np.inf))[:max(1, min(n_opt, n_starts))]
-    y0 = jnp.asarray(target.unconstrain(x0[order]), jnp.float32)
+    y0 = jnp.asarray(target.unconstrain(x0[order]), _float_dtype())
     y, loss = _adam_fit(target, int(steps), float(lr))(y0, target.data)
     y, loss = np.asarray(y), np.asarray(loss)
     lp = -np.where(np.isfinite(loss), loss, np.inf)
@@ -1135,7 +1140,9 @@ def run_sampler(key, target: Target, sampler: str = "nuts", *, num_chains: Optio
                    chain_method, kernel_kw)
     extra = ("diverging", "num_steps", "accept_prob", "adapt_state.step_size") if sampler == "nuts" else ()
     t0 = time.perf_counter()
-    init_params = {"y": jnp.asarray(start, jnp.float32)}
+    # the default float (float64 when jax_enable_x64 is on, e.g. after `import dsps`): a float32
+    # start would clash with the float64 arithmetic of the kernel inside lax.cond
+    init_params = {"y": jnp.asarray(start, _float_dtype())}
     if num_chains == 1:
         init_params = {"y": init_params["y"][0]}
     mc.run(k_run, target.data, init_params=init_params, extra_fields=extra)

@@ -547,7 +547,8 @@ def _rejection(posterior, sampler: _RowSampler, key, xs, rows, n: int, max_round
     for r in range(max_rounds):
         if todo.size == 0:
             break
-        draws = sampler(jax.random.fold_in(key, r), rows[todo], xs[todo])
+        draws = posterior.flow_to_sampling(sampler(jax.random.fold_in(key, r), rows[todo],
+                                                   xs[todo]))
         # prior_mod.in_support in numpy (closed box, NaN outside): no shape-dependent compiles
         ok = np.all((draws >= lo) & (draws <= hi), axis=-1)
         drawn[todo] += n

@@ -26,6 +26,45 @@ from . import prior as P
 LOW_ACCEPTANCE = 0.01
 
 
+#: what the flow models: "box" = the sampling-space point itself (SEDflow; draws outside the
+#: prior box are rejected), "logit" = y = logit((s - low) / (high - low)) per coordinate, an
+#: unbounded variable whose every draw maps inside the box (no rejection; flat priors with hard
+#: edges become smooth logistic densities the flow can represent)
+THETA_SPACES = ("box", "logit")
+_LOGIT_EPS = 1e-6
+
+
+def box_to_logit(s, low, high):
+    """Sampling-space points s (..., d) inside [low, high] -> y = logit((s - low) / (high - low))
+    (numpy float32; points within 1e-6 of an edge, in units of the width, are moved to it)."""
+    s = np.asarray(s, np.float64)
+    p = np.clip((s - low) / (high - low), _LOGIT_EPS, 1.0 - _LOGIT_EPS)
+    return (np.log(p) - np.log1p(-p)).astype(np.float32)
+
+
+def logit_to_box(y, low, high):
+    """Inverse of :func:`box_to_logit`: y (..., d) -> low + (high - low) sigmoid(y) (float32)."""
+    y = np.asarray(y, np.float64)
+    s = low + (high - low) * (0.5 * (1.0 + np.tanh(0.5 * y)))
+    return np.clip(s, low, high).astype(np.float32)
+
+
+class LogitTheta:
+    """A training :class:`sedflow_jax.train.DataSource` wrapper: yields (box_to_logit(theta), x)."""
+
+    def __init__(self, source, low, high):
+        self.source = source
+        self.low, self.high = np.asarray(low, np.float64), np.asarray(high, np.float64)
+        self.n, self.d_theta, self.d_context = source.n, source.d_theta, source.d_context
+
+    def __len__(self):
+        return self.n
+
+    def iter_batches(self, rng, batch_size, rows):
+        for t, x in self.source.iter_batches(rng, batch_size, rows):
+            yield box_to_logit(t, self.low, self.high), x
+
+
 class Samples(NamedTuple):
     """Posterior draws of one galaxy (or many: a leading axis m).
 
@@ -125,17 +164,44 @@ class AmortizedPosterior:
             good = np.isfinite(xs) & (xs >= self.x_lo) & (xs <= self.x_hi)
         return ~(good | ~used).all(1)
 
+    @property
+    def theta_space(self) -> str:
+        """'box' (SEDflow: the flow models the sampling-space point, rejection to the prior box)
+        or 'logit' (the flow models logit coordinates; every draw is inside the box)."""
+        return self.meta.get("theta_space", "box")
+
+    def _box(self):
+        lo, hi = P.sampling_bounds(self.prior)
+        return np.asarray(lo, np.float64), np.asarray(hi, np.float64)
+
+    def flow_to_sampling(self, draws) -> np.ndarray:
+        """Flow outputs (..., 11) -> sampling-space points (identity for ``theta_space='box'``)."""
+        if self.theta_space == "box":
+            return np.asarray(draws)
+        return logit_to_box(draws, *self._box())
+
     def _in_prior(self, s):
         return np.asarray(P.in_support(self.prior, jnp.asarray(s)))
 
     # ------------------------------------------------------------------ sampling
     def log_prob(self, s, x, mask=None):
-        """log p(s | x) of the flow (sampling space; not renormalised for the rejection).
+        """log p(s | x) of the flow (sampling space; for ``theta_space='box'`` not renormalised for
+        the rejection; for 'logit' exact, -inf outside the box).
         For a mask-aware posterior x is (n, 2 nb + 1) and ``mask`` the band mask."""
         if self.mask_aware and np.shape(x)[-1] == 2 * len(self.bands) + 1:
             x = self.condition(np.atleast_2d(x), mask)
             x = x[0] if x.shape[0] == 1 else x
-        return F.log_prob(self.flow, s, x)
+        if self.theta_space == "box":
+            return F.log_prob(self.flow, s, x)
+        lo, hi = (jnp.asarray(a, jnp.float32) for a in self._box())
+        s = jnp.asarray(s, jnp.float32)
+        inside = jnp.all((s > lo) & (s < hi), axis=-1)
+        sc = jnp.where((s > lo) & (s < hi), s, 0.5 * (lo + hi))
+        p = (sc - lo) / (hi - lo)
+        y = jnp.log(p) - jnp.log1p(-p)
+        # change of variables: log p(s) = log q(y) + log|dy/ds|, dy/ds = (hi - lo)/((s-lo)(hi-s))
+        ldj = jnp.sum(jnp.log(hi - lo) - jnp.log(sc - lo) - jnp.log(hi - sc), axis=-1)
+        return jnp.where(inside, F.log_prob(self.flow, y, x) + ldj, -jnp.inf)
 
     def sample(self, key, x_obs, n: int, *, max_rounds: int = 20, mask=None) -> Samples:
         """``n`` posterior draws for one context x_obs (d_x,): a :class:`Samples` without m axis.
@@ -193,7 +259,8 @@ class AmortizedPosterior:
                 if who.size < bucket:
                     who = np.concatenate([who, np.repeat(who[-1:], bucket - who.size)])
             sub = xs[who]
-            draws = np.asarray(F.sample_batched(self.flow, k, sub, n, max_rows=max_rows))
+            draws = self.flow_to_sampling(F.sample_batched(self.flow, k, sub, n,
+                                                           max_rows=max_rows))
             ok = self._in_prior(draws.reshape(-1, d)).reshape(who.size, n)
             for i, g in enumerate(who[:n_real]):  # padding rows are discarded
                 if filled[g] >= n:  # surplus repeats of a galaxy already filled
@@ -321,8 +388,8 @@ def _grid_size(grid, n_rows: int) -> int:
 def train_posterior(data, out=None, *, flow_config: F.FlowConfig | None = None,
                     train_config=None, seed: int = 0, prior: P.Prior | None = None,
                     bands=None, resume: bool = False, band_dropout: float | None = None,
-                    min_bands: int = 2, support_grid: int | None = None, mesh=None, devices=None
-                    ) -> tuple[AmortizedPosterior, object]:
+                    min_bands: int = 2, support_grid: int | None = None, mesh=None, devices=None,
+                    theta_space: str = "box") -> tuple[AmortizedPosterior, object]:
     """Train SEDflow's flow on a training set and bundle it as an :class:`AmortizedPosterior`.
 
     data : a training-set folder written by :func:`sedflow_jax.simulation.simulate` (streamed
@@ -334,6 +401,10 @@ def train_posterior(data, out=None, *, flow_config: F.FlowConfig | None = None,
         dropout (:class:`sedflow_jax.masking.BandDropout`: with probability p a row loses 1 to
         n_bands - ``min_bands`` random bands, fresh every epoch). Its context has 3 nb + 1
         columns; use ``sample_batched(..., mask=...)``.
+    theta_space : 'box' (default, SEDflow: the flow models the 11 sampling-space coordinates and
+        draws outside the prior box are rejected) or 'logit' (the flow models
+        logit((s - low) / (high - low)): every draw lies inside the box, acceptance is 1, and the
+        flat priors' hard edges become smooth densities; see :func:`box_to_logit`).
     support_grid : cells per axis of the recorded training support in (mag, log sigma_mag)
         (default: sqrt(n_rows) / 6 clipped to [8, 24], so small training sets are not sparse).
     mesh : optional ``jax.sharding.Mesh`` for data-parallel training (see
@@ -372,6 +443,11 @@ def train_posterior(data, out=None, *, flow_config: F.FlowConfig | None = None,
         support = TrainingSupport.from_x(source.x, bands,
                                          n_grid=_grid_size(support_grid, source.n))
         x_mean = source.x.mean(0, dtype=np.float64)
+    if theta_space not in THETA_SPACES:
+        raise ValueError(f"theta_space must be one of {THETA_SPACES}, got {theta_space!r}")
+    if theta_space == "logit":
+        lo_b, hi_b = P.sampling_bounds(prior)
+        source = LogitTheta(source, np.asarray(lo_b, np.float64), np.asarray(hi_b, np.float64))
     meta_mask = None
     if band_dropout is not None:
         nb = len(tuple(bands))
@@ -402,6 +478,7 @@ def train_posterior(data, out=None, *, flow_config: F.FlowConfig | None = None,
                                     "stopped_early": bool(res.stopped_early),
                                     "flow_config": fc.to_dict(),
                                     "support": support.to_dict(),
+                                    "theta_space": theta_space,
                                     **({"band_mask": meta_mask} if meta_mask else {})})
     if out is not None:
         post.save(out)

@@ -84,6 +84,44 @@ def test_ess_linear_gaussian(space):
     _check_moments(r.flat_samples, mu, Sigma, np.minimum(r.ess_bulk, 2000), f"ess-{space}")
 
 
+_X64_SCRIPT = """
+import json, sys
+import numpy as np, jax, jax.numpy as jnp
+assert jax.config.jax_enable_x64
+sys.path.insert(0, sys.argv[1])
+from test_mcmc import _linear_gaussian, D_LIN
+from sedflow_jax import mcmc as M
+log_density, data, mu, Sigma = _linear_gaussian()
+sd = np.sqrt(np.diag(Sigma))
+t = M.make_target(log_density, D_LIN, data=data, low=mu - 12 * sd, high=mu + 15 * sd)
+out = {}
+for s, kw in (("nuts", dict(num_chains=2)), ("ess", dict(num_chains=6))):
+    r = M.run_sampler(0, t, s, num_warmup=300, num_samples=600, **kw)
+    x = r.flat_samples
+    out[s] = dict(mean=x.mean(0).tolist(), sd=x.std(0).tolist())
+print(json.dumps(dict(out=out, mu=mu.tolist(), sd=sd.tolist())))
+"""
+
+
+def test_samplers_run_with_x64_enabled(tmp_path):
+    """`import dsps` (and users) turn jax_enable_x64 on globally: the samplers must still run
+    and recover the analytic posterior (a float32 start once clashed inside lax.cond)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, JAX_ENABLE_X64="1")
+    p = subprocess.run([sys.executable, "-c", _X64_SCRIPT, str(Path(__file__).parent)],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    mu, sd = np.array(res["mu"]), np.array(res["sd"])
+    for s, r in res["out"].items():
+        assert np.all(np.abs(np.array(r["mean"]) - mu) / sd < 0.25), (s, r, mu)
+        assert np.all(np.abs(np.array(r["sd"]) / sd - 1) < 0.25), (s, r, sd)
+
+
 def test_aies_runs_and_is_roughly_right():
     log_density, data, mu, Sigma = _linear_gaussian()
     t = M.make_target(log_density, D_LIN, data=data)
