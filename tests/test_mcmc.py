@@ -96,7 +96,7 @@ sd = np.sqrt(np.diag(Sigma))
 t = M.make_target(log_density, D_LIN, data=data, low=mu - 12 * sd, high=mu + 15 * sd)
 out = {}
 for s, kw in (("nuts", dict(num_chains=2)), ("ess", dict(num_chains=6))):
-    r = M.run_sampler(0, t, s, num_warmup=300, num_samples=600, **kw)
+    r = M.run_sampler(0, t, s, num_warmup=200, num_samples=500, **kw)
     x = r.flat_samples
     out[s] = dict(mean=x.mean(0).tolist(), sd=x.std(0).tolist())
 print(json.dumps(dict(out=out, mu=mu.tolist(), sd=sd.tolist())))
