@@ -1,6 +1,14 @@
 import os
 
 os.environ.setdefault("MPLBACKEND", "Agg")
+# a persistent XLA compilation cache for this test session (and its subprocesses): the suite
+# releases compiled code after every module (see _release_compiled_code), and later modules
+# recompile many of the same programs; with the cache they are read back instead of recompiled
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="sedflow-jax-xla-cache-")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import numpy as np
 import pytest
