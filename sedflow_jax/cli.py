@@ -581,7 +581,9 @@ def cmd_train(a):
         src = S.ShardDataset(a.data)  # the flow's dimensions come from the training set
         dims = (src.d_theta, src.d_context)
         if a.band_dropout is not None:  # mask-aware context: + one 0/1 mask column per band
-            dims = (src.d_theta, src.d_context + (src.d_context - 1) // 2)
+            from sedflow_jax.masking import _n_bands_from_x
+
+            dims = (src.d_theta, src.d_context + _n_bands_from_x(src.d_context))
         if a.preset == "paper":
             fc = F.FlowConfig.paper(*dims)
         else:

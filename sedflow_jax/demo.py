@@ -74,7 +74,7 @@ def run_demo(out, size: str = "small", *, seed: int = 0, overrides: dict | None 
                        max_epochs=cfg["max_epochs"], progress=progress)
     post, fit = train_posterior(str(out / "trainset"), out / "model", flow_config=fc,
                                 train_config=tc, seed=seed,
-                                theta_space=cfg.get("theta_space", "box"))
+                                theta_space=cfg["theta_space"])
     times["train_s"] = time.perf_counter() - t
 
     t = stage(f"3/6 mock catalog of {cfg['n_catalog']} held-out galaxies and their posteriors")

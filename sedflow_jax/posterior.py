@@ -195,8 +195,9 @@ class AmortizedPosterior:
             return F.log_prob(self.flow, s, x)
         lo, hi = (jnp.asarray(a, jnp.float32) for a in self._box())
         s = jnp.asarray(s, jnp.float32)
-        inside = jnp.all((s > lo) & (s < hi), axis=-1)
-        sc = jnp.where((s > lo) & (s < hi), s, 0.5 * (lo + hi))
+        ok = (s > lo) & (s < hi)
+        inside = jnp.all(ok, axis=-1)
+        sc = jnp.where(ok, s, 0.5 * (lo + hi))
         p = (sc - lo) / (hi - lo)
         y = jnp.log(p) - jnp.log1p(-p)
         # change of variables: log p(s) = log q(y) + log|dy/ds|, dy/ds = (hi - lo)/((s-lo)(hi-s))
@@ -446,8 +447,7 @@ def train_posterior(data, out=None, *, flow_config: F.FlowConfig | None = None,
     if theta_space not in THETA_SPACES:
         raise ValueError(f"theta_space must be one of {THETA_SPACES}, got {theta_space!r}")
     if theta_space == "logit":
-        lo_b, hi_b = P.sampling_bounds(prior)
-        source = LogitTheta(source, np.asarray(lo_b, np.float64), np.asarray(hi_b, np.float64))
+        source = LogitTheta(source, *P.sampling_bounds(prior))
     meta_mask = None
     if band_dropout is not None:
         nb = len(tuple(bands))
