@@ -1,7 +1,10 @@
 """Side-by-side calibration of the flow, NUTS and ESS on the same mock galaxies.
 
-For each of ``--n-galaxies`` mocks (theta from the PROVABGS prior, z = 0.1, SDSS ugriz noise from
-the shipped noise model) draws posterior samples with the trained flow (``--flow DIR``), with
+For each of ``--n-galaxies`` mocks (``--mocks training``, the default: theta and z from the
+PROVABGS prior, SDSS ugriz noise from the shipped noise model, kept by the training set's noise
+cuts, i.e. galaxies like those the flow was trained on -- :func:`sedflow_jax.mock_catalog`;
+``--mocks fixed-z``: z = ``--z`` and no cuts, so faint mocks with the clamped, unrealistically
+small noise of the model's faint end are included) draws posterior samples with the trained flow (``--flow DIR``), with
 NUTS and with the ensemble slice sampler (both on the full 11-dim posterior, log-uniform gamma as
 the flow, started from the flow's draws), and records per method: the rank of the truth among
 the draws (SBC-style), whether the truth falls in the central 68 % / 95 % intervals, the 68 %
@@ -32,9 +35,15 @@ def main(argv=None):
     ap.add_argument("--nuts-warmup", type=int, default=200)
     ap.add_argument("--nuts-draws", type=int, default=200)
     ap.add_argument("--max-tree-depth", type=int, default=6)
+    ap.add_argument("--cpu-devices", type=int, default=None,
+                    help="JAX CPU devices (default: one per NUTS chain, so the chains run in "
+                         "parallel; 1 = one after another)")
     ap.add_argument("--walkers", type=int, default=30)
     ap.add_argument("--ess-warmup", type=int, default=300)
     ap.add_argument("--ess-draws", type=int, default=700)
+    ap.add_argument("--mocks", choices=["training", "fixed-z"], default="training",
+                    help="training: prior draws (z too) kept by the noise cuts, as the flow's "
+                         "training set; fixed-z: z = --z, no cuts")
     ap.add_argument("--time-cap-s", type=float, default=3600.0)
     ap.add_argument("--json", default="calibration_flow_vs_mcmc.json")
     a = ap.parse_args(argv)
@@ -45,9 +54,22 @@ def main(argv=None):
     from sedflow_jax import prior as P
     from sedflow_jax.posterior import AmortizedPosterior
 
+    n_dev = M.set_cpu_devices(a.cpu_devices or a.nuts_chains)  # before JAX runs anything
+    print(f"{n_dev} JAX device(s): NUTS chains "
+          f"{'in parallel' if n_dev >= a.nuts_chains else 'one after another'}")
     post = AmortizedPosterior.load(a.flow)
     model = sj.load_model(filters=list(post.bands), z_max=post.prior.zmax)
     names = list(P.SAMPLING_NAMES)
+    if a.mocks == "training":
+        import jax.numpy as jnp
+
+        cat = C.mock_catalog(a.seed, a.n_galaxies, model=model)
+        theta_all = np.stack([np.asarray(cat[n], np.float64) for n in sj.PARAM_NAMES], 1)
+        s_all = np.asarray(P.to_sampling(jnp.asarray(theta_all, jnp.float32)), np.float64)
+        flux_all = np.stack([np.asarray(cat[f"flux_{b}"], np.float64) for b in model.filter_names], 1)
+        sigma_all = np.stack([np.asarray(cat[f"flux_ivar_{b}"], np.float64) ** -0.5
+                              for b in model.filter_names], 1)
+        z_all = np.asarray(cat["z"], np.float64)
     rows = []
     t_start = time.perf_counter()
     for g in range(a.n_galaxies):
@@ -55,24 +77,28 @@ def main(argv=None):
             print(f"time cap reached after {g} galaxies")
             break
         key = jax.random.key(a.seed + g)
-        s, _, flux, sigma = C.mock_galaxy(model, a.z, jax.random.fold_in(key, 0),
-                                          jax.random.fold_in(key, 1))
-        x = C.to_conditioning(flux[None], sigma[None], np.array([a.z]))
+        if a.mocks == "training":
+            s, flux, sigma, z = s_all[g], flux_all[g], sigma_all[g], float(z_all[g])
+        else:
+            s, _, flux, sigma = C.mock_galaxy(model, a.z, jax.random.fold_in(key, 0),
+                                              jax.random.fold_in(key, 1))
+            z = a.z
+        x = C.to_conditioning(flux[None], sigma[None], np.array([z]))
         t0 = time.perf_counter()
         fs = post.sample_batched(jax.random.fold_in(key, 2), x, a.flow_n)
         t_flow = time.perf_counter() - t0
         flow_s = fs.draws(0)[0]
         res = {"flow": (flow_s, t_flow, None)}
         init = flow_s if len(flow_s) >= a.walkers else "optimize"
-        r = M.run_nuts(jax.random.fold_in(key, 3), model, flux, sigma, a.z,
+        r = M.run_nuts(jax.random.fold_in(key, 3), model, flux, sigma, z,
                        num_chains=a.nuts_chains, num_warmup=a.nuts_warmup,
                        num_samples=a.nuts_draws, max_tree_depth=a.max_tree_depth, init=init)
         res["nuts"] = (r.flat_samples, r.wall_time, r)
-        e = M.run_ess(jax.random.fold_in(key, 4), model, flux, sigma, a.z,
+        e = M.run_ess(jax.random.fold_in(key, 4), model, flux, sigma, z,
                       num_chains=a.walkers, num_warmup=a.ess_warmup, num_samples=a.ess_draws,
                       init=init)
         res["ess"] = (e.flat_samples, e.wall_time, e)
-        row = {"galaxy": g, "truth": s.tolist()}
+        row = {"galaxy": g, "z": z, "truth": s.tolist()}
         for k, (x_s, t, rr) in res.items():
             if len(x_s) == 0:
                 row[k] = None

@@ -853,6 +853,28 @@ def cmd_validate(a):
     return res
 
 
+def _default_compile_cache() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "sedflow-jax", "xla")
+
+
+def _enable_compile_cache(path) -> None:
+    """A persistent XLA compilation cache for this process, unless one is set already.
+
+    NumPyro retraces its sampling loop on every run, so without it every galaxy of a catalog
+    recompiles the sampler: measured on 2 CPU cores, ~4 s per galaxy for ESS (30 walkers x
+    600 steps: 13.6 s -> 9.5 s) and ~7 s for sequential NUTS. (Parallel NUTS chains embed the
+    galaxy's data in the program, so they compile per galaxy anyway.)
+    """
+    import jax
+
+    if path is None or str(path).lower() == "none" or jax.config.jax_compilation_cache_dir:
+        return
+    Path(path).mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def cmd_mcmc(a):
     """NUTS / ESS / AIES on catalog rows: samples, ArviZ netCDF, R-hat/ESS summary."""
     from sedflow_jax.mcmc import run_mcmc_catalog
@@ -864,11 +886,37 @@ def cmd_mcmc(a):
         raise CLIError(f"--rows must look like 0:10 or 3, got {a.rows!r}") from exc
     if Path(a.out).exists() and any(Path(a.out).iterdir()) and not (a.overwrite or a.resume):
         raise CLIError(f"{a.out} exists and is not empty (use --resume or --overwrite)")
+    kw = {k: v for k, v in (("num_chains", a.chains), ("num_samples", a.samples),
+                            ("num_warmup", a.warmup)) if v is not None}
+    if a.max_tree_depth is not None:
+        if a.sampler != "nuts":
+            raise CLIError("--max-tree-depth is a NUTS option")
+        if a.max_tree_depth < 1:
+            raise CLIError(f"--max-tree-depth must be >= 1, got {a.max_tree_depth}")
+        kw["max_tree_depth"] = a.max_tree_depth
+    n_chains = a.chains if a.chains is not None else (4 if a.sampler == "nuts" else 30)
+    n_dev = a.cpu_devices if a.cpu_devices is not None else (
+        n_chains if a.sampler == "nuts" else 1)
+    if n_dev < 1:
+        raise CLIError(f"--cpu-devices must be >= 1, got {n_dev}")
+    if n_dev > 1:
+        import warnings
+
+        import jax
+
+        from sedflow_jax.mcmc import set_cpu_devices
+
+        with warnings.catch_warnings():  # too late when JAX already ran (library use): keep
+            warnings.simplefilter("ignore", RuntimeWarning)
+            set_cpu_devices(n_dev)
+        if a.sampler == "nuts":
+            how = ("in parallel" if jax.local_device_count() >= n_chains and n_chains > 1
+                   else "one after another")
+            print(f"NUTS: {n_chains} chains {how} ({jax.local_device_count()} JAX devices)")
+    _enable_compile_cache(a.compile_cache or _default_compile_cache())
     model = _get_model(None, a.filters, a.z_max) if a.filters else None
     Path(a.out).mkdir(parents=True, exist_ok=True)
     _write_config(a.out, a)
-    kw = {k: v for k, v in (("num_chains", a.chains), ("num_samples", a.samples),
-                            ("num_warmup", a.warmup)) if v is not None}
     t = run_mcmc_catalog(a.catalog, rows, a.sampler, a.out, model=model, key=a.seed,
                          gamma_density=a.gamma_density, resume=a.resume, **kw)
     ok = int((t["status"] == "ok").sum())
@@ -1042,6 +1090,17 @@ def build_parser():
     p.add_argument("--samples", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--gamma-density", choices=["loguniform", "flat"], default="loguniform")
+    p.add_argument("--max-tree-depth", type=int, default=None,
+                   help="NUTS: at most 2^depth - 1 leapfrog steps per draw (default 10)")
+    p.add_argument("--cpu-devices", type=int, default=None,
+                   help="split the CPU into this many JAX devices so NUTS chains run in "
+                        "parallel (default: one per chain for NUTS, 1 for the ensembles, "
+                        "which run ~30%% slower on a split CPU; 1 = chains one after another)")
+    p.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help="persistent XLA compilation cache, so galaxies after the first reuse "
+                        "the compiled sampler (default: $XDG_CACHE_HOME/sedflow-jax/xla, i.e. "
+                        "~/.cache/sedflow-jax/xla; 'none' = off; a cache JAX already has "
+                        "configured is kept)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False)

@@ -50,3 +50,46 @@ def test_photometry_table_round_trip(tmp_path):
 def test_bad_input_exit_code(argv, msg, capsys):
     assert cli.main(argv) == 2
     assert msg in capsys.readouterr().err
+
+
+def test_mcmc_command_fits_catalog_rows(tmp_path, capsys):
+    """`sedflow-jax mcmc` end to end on two mock galaxies (tiny NUTS runs: the files and the
+    summary, not the convergence, are checked here; tests/test_mcmc.py checks the samplers)."""
+    import sedflow_jax as sj
+
+    cat = sj.mock_catalog(3, 2)
+    cat["flux_sdss_g"][0] = np.nan  # row 0: one band unusable -> fit with 4 bands
+    cat.write(tmp_path / "cat.fits")
+    out = tmp_path / "mc"
+    argv = ["mcmc", "--catalog", str(tmp_path / "cat.fits"), "--rows", "0:2", "--sampler",
+            "nuts", "--chains", "2", "--warmup", "10", "--samples", "12", "--cpu-devices", "2",
+            "--max-tree-depth", "3", "--compile-cache", str(tmp_path / "xla"), "--out", str(out)]
+    import jax
+
+    cache_before = jax.config.jax_compilation_cache_dir
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    # a compilation cache JAX already has (the test session's) is kept, else ours is used
+    assert jax.config.jax_compilation_cache_dir == (cache_before or str(tmp_path / "xla"))
+    printed = capsys.readouterr().out
+    assert "2/2 galaxies fit with nuts" in printed and "NUTS: 2 chains" in printed
+    summ = Table.read(out / "summary.ecsv")
+    assert list(summ["row"]) == [0, 1] and list(summ["status"]) == ["ok", "ok"]
+    assert list(summ["n_bands"]) == [4, 5]
+    from sedflow_jax import prior as P
+    from sedflow_jax.mcmc import load_result
+
+    lo, hi = (np.asarray(a) for a in P.sampling_bounds(P.provabgs_prior()))
+    for i, row in enumerate((0, 1)):
+        r = load_result(out / f"galaxy_{row:06d}.npz")
+        assert r.samples.shape == (2, 12, 11) and r.sampler == "nuts"
+        # the summary's percentiles are those of the saved draws, all inside the prior box
+        assert summ["logmstar_p50"][i] == pytest.approx(np.median(r.flat_theta[:, 0]), abs=1e-5)
+        assert np.all((r.flat_samples >= lo - 1e-6) & (r.flat_samples <= hi + 1e-6))
+        assert r.info["kernel"]["max_tree_depth"] == "3"
+        assert r.info["mean_num_steps"] <= 7  # 2^3 - 1
+    cfg = (out / cli.CONFIG_NAME).read_text()
+    assert "cpu-devices = 2" in cfg or "cpu_devices = 2" in cfg, cfg
+    # a NUTS-only option with an ensemble sampler is refused
+    assert cli.main(argv[:6] + ["ess", "--max-tree-depth", "3", "--out", str(tmp_path / "e")]) == 2
+    assert "NUTS option" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()

@@ -85,12 +85,16 @@ def test_ess_linear_gaussian(space):
 
 
 _X64_SCRIPT = """
-import json, sys
+import json, sys, warnings
 import numpy as np, jax, jax.numpy as jnp
 assert jax.config.jax_enable_x64
 sys.path.insert(0, sys.argv[1])
 from test_mcmc import _linear_gaussian, D_LIN
 from sedflow_jax import mcmc as M
+n_dev = M.set_cpu_devices(2)  # before JAX runs anything: NUTS chains run in parallel
+with warnings.catch_warnings(record=True) as late:
+    warnings.simplefilter("always")
+    M.set_cpu_devices(3)  # too late now: warns, keeps the 2 devices
 log_density, data, mu, Sigma = _linear_gaussian()
 sd = np.sqrt(np.diag(Sigma))
 t = M.make_target(log_density, D_LIN, data=data, low=mu - 12 * sd, high=mu + 15 * sd)
@@ -98,28 +102,43 @@ out = {}
 for s, kw in (("nuts", dict(num_chains=2)), ("ess", dict(num_chains=6))):
     r = M.run_sampler(0, t, s, num_warmup=200, num_samples=500, **kw)
     x = r.flat_samples
-    out[s] = dict(mean=x.mean(0).tolist(), sd=x.std(0).tolist())
-print(json.dumps(dict(out=out, mu=mu.tolist(), sd=sd.tolist())))
+    out[s] = dict(mean=x.mean(0).tolist(), sd=x.std(0).tolist(),
+                  chain_method=r.info["chain_method"], shape=list(r.samples.shape))
+print(json.dumps(dict(out=out, mu=mu.tolist(), sd=sd.tolist(), n_dev=n_dev,
+                      late=[str(w.message) for w in late], n_dev_after=jax.local_device_count())))
 """
 
 
-def test_samplers_run_with_x64_enabled(tmp_path):
+def test_samplers_run_with_x64_enabled_and_parallel_chains(tmp_path):
     """`import dsps` (and users) turn jax_enable_x64 on globally: the samplers must still run
-    and recover the analytic posterior (a float32 start once clashed inside lax.cond)."""
+    and recover the analytic posterior (a float32 start once clashed inside lax.cond). The
+    same run splits the CPU into 2 devices (set_cpu_devices), so the 2 NUTS chains run in
+    parallel (pmap) and must give the same posterior."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
     env = dict(os.environ, JAX_ENABLE_X64="1")
+    env.pop("XLA_FLAGS", None)
     p = subprocess.run([sys.executable, "-c", _X64_SCRIPT, str(Path(__file__).parent)],
                        capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert res["n_dev"] == 2 and res["n_dev_after"] == 2
+    assert len(res["late"]) == 1 and "too late" in res["late"][0]
+    assert res["out"]["nuts"]["chain_method"] == "parallel"
+    assert res["out"]["nuts"]["shape"] == [2, 500, D_LIN]
+    assert res["out"]["ess"]["chain_method"] == "vectorized"
     mu, sd = np.array(res["mu"]), np.array(res["sd"])
     for s, r in res["out"].items():
         assert np.all(np.abs(np.array(r["mean"]) - mu) / sd < 0.25), (s, r, mu)
         assert np.all(np.abs(np.array(r["sd"]) / sd - 1) < 0.25), (s, r, sd)
+
+
+def test_set_cpu_devices_refuses_nonsense():
+    with pytest.raises(ValueError, match=">= 1"):
+        M.set_cpu_devices(0)
 
 
 def test_aies_runs_and_is_roughly_right():
