@@ -92,10 +92,9 @@ def main():
     if args.cpu_devices is None:
         args.cpu_devices = 1 if args.skip_nuts else 4
     n_dev = M.set_cpu_devices(args.cpu_devices)  # before JAX runs anything
+    how = {"parallel": "in parallel"}.get(M.default_chain_method("nuts", 4), "one after another")
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPU cores, "
-          f"{n_dev} JAX device(s): NUTS chains "
-          f"{'in parallel' if n_dev >= 4 else 'one after another'} (shared machine: timings "
-          "are noisy)")
+          f"{n_dev} JAX device(s): NUTS chains {how} (shared machine: timings are noisy)")
     model = sj.load_model(z_max=max(0.2, args.z))
     flow_post = None
     if args.flow:

@@ -55,8 +55,9 @@ def main(argv=None):
     from sedflow_jax.posterior import AmortizedPosterior
 
     n_dev = M.set_cpu_devices(a.cpu_devices or a.nuts_chains)  # before JAX runs anything
-    print(f"{n_dev} JAX device(s): NUTS chains "
-          f"{'in parallel' if n_dev >= a.nuts_chains else 'one after another'}")
+    how = {"parallel": "in parallel"}.get(M.default_chain_method("nuts", a.nuts_chains),
+                                          "one after another")
+    print(f"{n_dev} JAX device(s): NUTS chains {how}")
     post = AmortizedPosterior.load(a.flow)
     model = sj.load_model(filters=list(post.bands), z_max=post.prior.zmax)
     names = list(P.SAMPLING_NAMES)
@@ -66,10 +67,8 @@ def main(argv=None):
         cat = C.mock_catalog(a.seed, a.n_galaxies, model=model)
         theta_all = np.stack([np.asarray(cat[n], np.float64) for n in sj.PARAM_NAMES], 1)
         s_all = np.asarray(P.to_sampling(jnp.asarray(theta_all, jnp.float32)), np.float64)
-        flux_all = np.stack([np.asarray(cat[f"flux_{b}"], np.float64) for b in model.filter_names], 1)
-        sigma_all = np.stack([np.asarray(cat[f"flux_ivar_{b}"], np.float64) ** -0.5
-                              for b in model.filter_names], 1)
-        z_all = np.asarray(cat["z"], np.float64)
+        ph = C.read_photometry(cat, model.filter_names)
+        flux_all, sigma_all, z_all = ph.flux, ph.sigma, ph.z
     rows = []
     t_start = time.perf_counter()
     for g in range(a.n_galaxies):

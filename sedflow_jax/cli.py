@@ -877,7 +877,7 @@ def _enable_compile_cache(path) -> None:
 
 def cmd_mcmc(a):
     """NUTS / ESS / AIES on catalog rows: samples, ArviZ netCDF, R-hat/ESS summary."""
-    from sedflow_jax.mcmc import run_mcmc_catalog
+    from sedflow_jax import mcmc as M
 
     try:
         lo, _, hi = a.rows.partition(":")
@@ -894,7 +894,7 @@ def cmd_mcmc(a):
         if a.max_tree_depth < 1:
             raise CLIError(f"--max-tree-depth must be >= 1, got {a.max_tree_depth}")
         kw["max_tree_depth"] = a.max_tree_depth
-    n_chains = a.chains if a.chains is not None else (4 if a.sampler == "nuts" else 30)
+    n_chains = a.chains if a.chains is not None else M.default_num_chains(a.sampler)
     n_dev = a.cpu_devices if a.cpu_devices is not None else (
         n_chains if a.sampler == "nuts" else 1)
     if n_dev < 1:
@@ -902,23 +902,19 @@ def cmd_mcmc(a):
     if n_dev > 1:
         import warnings
 
-        import jax
-
-        from sedflow_jax.mcmc import set_cpu_devices
-
         with warnings.catch_warnings():  # too late when JAX already ran (library use): keep
             warnings.simplefilter("ignore", RuntimeWarning)
-            set_cpu_devices(n_dev)
+            n_have = M.set_cpu_devices(n_dev)
         if a.sampler == "nuts":
-            how = ("in parallel" if jax.local_device_count() >= n_chains and n_chains > 1
+            how = ("in parallel" if M.default_chain_method("nuts", n_chains) == "parallel"
                    else "one after another")
-            print(f"NUTS: {n_chains} chains {how} ({jax.local_device_count()} JAX devices)")
+            print(f"NUTS: {n_chains} chains {how} ({n_have} JAX devices)")
     _enable_compile_cache(a.compile_cache or _default_compile_cache())
     model = _get_model(None, a.filters, a.z_max) if a.filters else None
     Path(a.out).mkdir(parents=True, exist_ok=True)
     _write_config(a.out, a)
-    t = run_mcmc_catalog(a.catalog, rows, a.sampler, a.out, model=model, key=a.seed,
-                         gamma_density=a.gamma_density, resume=a.resume, **kw)
+    t = M.run_mcmc_catalog(a.catalog, rows, a.sampler, a.out, model=model, key=a.seed,
+                           gamma_density=a.gamma_density, resume=a.resume, **kw)
     ok = int((t["status"] == "ok").sum())
     print(f"{ok}/{len(t)} galaxies fit with {a.sampler}; summary in {a.out}/summary.ecsv")
 

@@ -79,6 +79,8 @@ __all__ = [
     "load_result",
     "SAMPLERS",
     "set_cpu_devices",
+    "default_num_chains",
+    "default_chain_method",
 ]
 
 SAMPLERS = ("nuts", "ess", "aies")
@@ -1107,19 +1109,9 @@ def run_sampler(key, target: Target, sampler: str = "nuts", *, num_chains: Optio
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     ensemble = sampler != "nuts"
     if num_chains is None:
-        num_chains = 30 if ensemble else 4
+        num_chains = default_num_chains(sampler)
     if chain_method is None:
-        # NUTS: one chain per device when there are enough (see set_cpu_devices: 2.6x faster
-        # for 4 chains on 2 CPU cores), else one chain after another -- a vmapped NUTS waits
-        # at every draw for the chain with the deepest tree (measured 5.0 ms per lock-step
-        # leapfrog for 4 chains vs 1.1 ms per chain-step sequentially on 2 CPU cores);
-        # ensembles move all walkers at once
-        if ensemble:
-            chain_method = "vectorized"
-        elif num_chains > 1 and jax.local_device_count() >= num_chains:
-            chain_method = "parallel"
-        else:
-            chain_method = "sequential"
+        chain_method = default_chain_method(sampler, num_chains)
     if num_warmup is None:
         num_warmup = 2000 if ensemble else 1000
     if num_samples is None:
@@ -1192,6 +1184,27 @@ def run_sampler(key, target: Target, sampler: str = "nuts", *, num_chains: Optio
                       ess_bulk=diag["ess_bulk"], ess_tail=diag["ess_tail"],
                       num_divergences=n_div, wall_time=time.perf_counter() - t_start,
                       sample_time=sample_time, init_time=init_time, sampler=sampler, info=stats)
+
+
+def default_num_chains(sampler: str) -> int:
+    """Chains (NUTS: 4) or walkers (ESS / AIES: 30, as PROVABGS) when none are given."""
+    return 4 if sampler.lower() == "nuts" else 30
+
+
+def default_chain_method(sampler: str, num_chains: int) -> str:
+    """How :func:`run_sampler` runs the chains when ``chain_method`` is not given.
+
+    Ensembles: 'vectorized' (all walkers move at once). NUTS: 'parallel', one chain per device,
+    when JAX has at least ``num_chains`` devices (see :func:`set_cpu_devices`: 2.6x faster for
+    4 chains on 2 CPU cores), else 'sequential' -- a vmapped NUTS waits at every draw for the
+    chain with the deepest tree (measured 5.0 ms per lock-step leapfrog for 4 chains vs 1.1 ms
+    per chain-step sequentially on 2 CPU cores).
+    """
+    if sampler.lower() != "nuts":
+        return "vectorized"
+    if num_chains > 1 and jax.local_device_count() >= num_chains:
+        return "parallel"
+    return "sequential"
 
 
 def set_cpu_devices(n: int) -> int:

@@ -420,6 +420,8 @@ def train_posterior(data, out=None, *, flow_config: F.FlowConfig | None = None,
     from . import simulation as S
     from . import train as T
 
+    if theta_space not in THETA_SPACES:
+        raise ValueError(f"theta_space must be one of {THETA_SPACES}, got {theta_space!r}")
     if isinstance(data, (str, os.PathLike)):
         source = S.ShardDataset(data)
         man = source.manifest
@@ -444,8 +446,6 @@ def train_posterior(data, out=None, *, flow_config: F.FlowConfig | None = None,
         support = TrainingSupport.from_x(source.x, bands,
                                          n_grid=_grid_size(support_grid, source.n))
         x_mean = source.x.mean(0, dtype=np.float64)
-    if theta_space not in THETA_SPACES:
-        raise ValueError(f"theta_space must be one of {THETA_SPACES}, got {theta_space!r}")
     if theta_space == "logit":
         source = LogitTheta(source, *P.sampling_bounds(prior))
     meta_mask = None
