@@ -35,8 +35,10 @@ def build_jax(args, theta, x):
     import jax
     from flax import nnx
 
-    from sedflow_jax import flow as F
-    from sedflow_jax import train as T
+    from sedflow_jax.nn import flow as F
+    from sedflow_jax.nn import train as T
+    from sedflow_jax.nn import checkpoint as CK
+    from sedflow_jax.nn import data as TD
 
     cfg = F.FlowConfig(d_theta=args.d_theta, d_context=args.d_context, n_blocks=args.blocks,
                        hidden=args.hidden, n_hidden_layers=2, activation="tanh",

@@ -45,7 +45,7 @@ def _fmt(r):
 
 
 def mock_galaxy(model, seed, z):
-    from sedflow_jax.catalog import mock_galaxy as mock
+    from sedflow_jax.io.mocks import mock_galaxy as mock
 
     g = mock(model, z, seed, 10_000 + seed)
     return g.s, g.flux, g.sigma
@@ -85,8 +85,10 @@ def main():
     import jax
 
     import sedflow_jax as sj
-    from sedflow_jax import catalog as C
-    from sedflow_jax import diagnostics as D
+    from sedflow_jax.io import catalog as C
+    from sedflow_jax.io import mocks
+    from sedflow_jax.sim import layout
+    from sedflow_jax.eval import diagnostics as D
     from sedflow_jax import mcmc as M
 
     if args.cpu_devices is None:
@@ -98,7 +100,7 @@ def main():
     model = sj.load_model(z_max=max(0.2, args.z))
     flow_post = None
     if args.flow:
-        from sedflow_jax.posterior import AmortizedPosterior
+        from sedflow_jax.sbi.posterior import AmortizedPosterior
 
         flow_post = AmortizedPosterior.load(args.flow)
         print(f"flow peer: {args.flow}")
@@ -163,7 +165,7 @@ def main():
                 print(f"C2ST(NUTS, ESS) = {acc:.3f}")
         # ---------------- flow peer
         if flow_post is not None:
-            x = C.to_conditioning(flux[None], sigma[None], np.array([args.z]))[0]
+            x = layout.to_conditioning(flux[None], sigma[None], np.array([args.z]))[0]
             flow_post.sample(jax.random.key(0), x, args.flow_n)  # compile
             t0 = time.perf_counter()
             fs = flow_post.sample(jax.random.key(seed + 2), x, args.flow_n)

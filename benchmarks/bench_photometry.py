@@ -45,7 +45,7 @@ def main():
     import jax.numpy as jnp
 
     import sedflow_jax as sj
-    from sedflow_jax import prior as P
+    from sedflow_jax.sim import prior as P
 
     model = sj.load_model(z_max=a.z_max)
     pr = P.provabgs_prior(zmax=a.z_max)

@@ -38,8 +38,9 @@ def main(argv=None):
 
     import jax
 
-    from sedflow_jax import masking as M
-    from sedflow_jax.posterior import AmortizedPosterior
+    from sedflow_jax.sbi import masks as M
+    from sedflow_jax.sbi import inference as INF
+    from sedflow_jax.sbi.posterior import AmortizedPosterior
 
     spec = importlib.util.spec_from_file_location("real_sdss", ROOT / "examples" / "real_sdss.py")
     ex = importlib.util.module_from_spec(spec)
@@ -50,10 +51,10 @@ def main(argv=None):
     else:
         post = AmortizedPosterior.load(a.model)
     cat = ex.load_catalog(a.n_galaxies, seed=1)
-    M.infer_catalog(post, cat[:8], n_samples=a.n_samples, derived=False, max_rows=a.max_rows,
+    INF.infer_catalog(post, cat[:8], n_samples=a.n_samples, derived=False, max_rows=a.max_rows,
                     **ex.READ_KW)  # compile
     t0 = time.perf_counter()
-    res = M.infer_catalog(post, cat, key=1, n_samples=a.n_samples, derived=False,
+    res = INF.infer_catalog(post, cat, key=1, n_samples=a.n_samples, derived=False,
                           max_rows=a.max_rows, **ex.READ_KW)
     wall = time.perf_counter() - t0
     rep = res.report

@@ -39,12 +39,17 @@ def _worker(args) -> dict:
     import jax
     import numpy as np
 
-    from sedflow_jax import flow as F
+    from sedflow_jax.nn import flow as F
     from sedflow_jax import parallel as par
-    from sedflow_jax import prior as P
-    from sedflow_jax import simulation as S
-    from sedflow_jax.model import load_model
-    from sedflow_jax.posterior import AmortizedPosterior
+    from sedflow_jax.sbi import sampling as SMP
+    from sedflow_jax.sbi import streaming as ST
+    from sedflow_jax.sim import simulate as SIM
+    from sedflow_jax.sim import prior as P
+    from sedflow_jax.sim import simulate as S
+    from sedflow_jax.sim import readers as SR
+    from sedflow_jax.sim import layout
+    from sedflow_jax.sed.model import load_model
+    from sedflow_jax.sbi.posterior import AmortizedPosterior
 
     k = len(jax.devices())
     out = {"devices": k, "platform": jax.devices()[0].platform, "cpu_count": os.cpu_count(),
@@ -86,10 +91,10 @@ def _worker(args) -> dict:
             t.write(cat)
             kw = dict(n_samples=args.n_samples, key=0, chunk_rows=args.chunk_rows,
                       keep_columns=["id"], progress=False, mesh=mesh)
-            par.infer_catalog_streaming(post, t[: args.chunk_rows],
+            ST.infer_catalog_streaming(post, t[: args.chunk_rows],
                                         os.path.join(tmp, "warm.h5"), **kw)  # compile
             t0 = time.perf_counter()
-            par.infer_catalog_streaming(post, cat, os.path.join(tmp, "out.h5"), **kw)
+            ST.infer_catalog_streaming(post, cat, os.path.join(tmp, "out.h5"), **kw)
             r["infer_s"] = time.perf_counter() - t0
         r["infer_gal_s"] = args.n_infer / r["infer_s"]
         rows.append(r)

@@ -64,8 +64,10 @@ def main():
 
     import jax
 
-    from sedflow_jax import simulation as S
-    from sedflow_jax.model import load_model
+    from sedflow_jax.sim import simulate as S
+    from sedflow_jax.sim import readers as SR
+    from sedflow_jax.sim import layout
+    from sedflow_jax.sed.model import load_model
 
     block = a.block or S.DEFAULT_BLOCK
     t0 = time.perf_counter()

@@ -49,10 +49,12 @@ def main(argv=None):
     a = ap.parse_args(argv)
 
     import sedflow_jax as sj
-    from sedflow_jax import catalog as C
+    from sedflow_jax.io import catalog as C
+    from sedflow_jax.io import mocks
+    from sedflow_jax.sim import layout
     from sedflow_jax import mcmc as M
-    from sedflow_jax import prior as P
-    from sedflow_jax.posterior import AmortizedPosterior
+    from sedflow_jax.sim import prior as P
+    from sedflow_jax.sbi.posterior import AmortizedPosterior
 
     n_dev = M.set_cpu_devices(a.cpu_devices or a.nuts_chains)  # before JAX runs anything
     how = {"parallel": "in parallel"}.get(M.default_chain_method("nuts", a.nuts_chains),
@@ -64,7 +66,7 @@ def main(argv=None):
     if a.mocks == "training":
         import jax.numpy as jnp
 
-        cat = C.mock_catalog(a.seed, a.n_galaxies, model=model)
+        cat = mocks.mock_catalog(a.seed, a.n_galaxies, model=model)
         theta_all = np.stack([np.asarray(cat[n], np.float64) for n in sj.PARAM_NAMES], 1)
         s_all = np.asarray(P.to_sampling(jnp.asarray(theta_all, jnp.float32)), np.float64)
         ph = C.read_photometry(cat, model.filter_names)
@@ -79,10 +81,10 @@ def main(argv=None):
         if a.mocks == "training":
             s, flux, sigma, z = s_all[g], flux_all[g], sigma_all[g], float(z_all[g])
         else:
-            s, _, flux, sigma = C.mock_galaxy(model, a.z, jax.random.fold_in(key, 0),
+            s, _, flux, sigma = mocks.mock_galaxy(model, a.z, jax.random.fold_in(key, 0),
                                               jax.random.fold_in(key, 1))
             z = a.z
-        x = C.to_conditioning(flux[None], sigma[None], np.array([z]))
+        x = layout.to_conditioning(flux[None], sigma[None], np.array([z]))
         t0 = time.perf_counter()
         fs = post.sample_batched(jax.random.fold_in(key, 2), x, a.flow_n)
         t_flow = time.perf_counter() - t0

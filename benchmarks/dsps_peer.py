@@ -20,7 +20,7 @@ def main():
     ap.add_argument("--filters", nargs="*", default=["sdss_u", "sdss_g", "sdss_r", "sdss_i", "sdss_z"])
     a = ap.parse_args()
 
-    from sedflow_jax import photometry, ssp
+    from sedflow_jax.sed import photometry, ssp
 
     grid = ssp.load_ssp_grid()
     filters = photometry.load_filters(a.filters)

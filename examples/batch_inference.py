@@ -11,8 +11,11 @@ import jax
 import numpy as np
 
 import sedflow_jax as sj
-from sedflow_jax import catalog as C
-from sedflow_jax.posterior import AmortizedPosterior, summarize
+from sedflow_jax.io import catalog as C
+from sedflow_jax.io import mocks
+from sedflow_jax.sim import layout
+from sedflow_jax.sbi.posterior import AmortizedPosterior
+from sedflow_jax.sbi.summary import summarize
 
 
 def main(argv=None):
@@ -27,8 +30,10 @@ def main(argv=None):
     a = ap.parse_args(argv)
 
     if a.model is None:
-        from sedflow_jax import flow as F
-        from sedflow_jax import train as T
+        from sedflow_jax.nn import flow as F
+        from sedflow_jax.nn import train as T
+        from sedflow_jax.nn import checkpoint as CK
+        from sedflow_jax.nn import data as TD
 
         sj.simulate(0, a.tiny_train, out=f"{a.workdir}/trainset", progress=False)
         fc = F.FlowConfig.small(11, 11).replace(n_blocks=3, hidden=64)
@@ -41,7 +46,7 @@ def main(argv=None):
     ph = C.read_photometry(cat, post.bands, z_range=(post.prior.zmin, post.prior.zmax))
     print("rows:", ph.counts)
     use = ph.flag == 0
-    x = C.to_conditioning(ph.flux, ph.sigma, ph.z)[use]
+    x = layout.to_conditioning(ph.flux, ph.sigma, ph.z)[use]
     s = post.sample_batched(jax.random.key(0), x, a.n_samples)
     model = sj.load_model(filters=list(post.bands), z_max=post.prior.zmax)
     table = summarize(s, model=model, z=ph.z[use])

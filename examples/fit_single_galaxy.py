@@ -19,11 +19,13 @@ import jax
 import numpy as np
 
 import sedflow_jax as sj
-from sedflow_jax import catalog as C
-from sedflow_jax import diagnostics as D
+from sedflow_jax.io import catalog as C
+from sedflow_jax.io import mocks
+from sedflow_jax.sim import layout
+from sedflow_jax.eval import diagnostics as D
 from sedflow_jax import mcmc as M
-from sedflow_jax import prior as P
-from sedflow_jax.posterior import AmortizedPosterior
+from sedflow_jax.sim import prior as P
+from sedflow_jax.sbi.posterior import AmortizedPosterior
 
 
 def main(argv=None):
@@ -44,8 +46,10 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
 
     if a.model is None:
-        from sedflow_jax import flow as F
-        from sedflow_jax import train as T
+        from sedflow_jax.nn import flow as F
+        from sedflow_jax.nn import train as T
+        from sedflow_jax.nn import checkpoint as CK
+        from sedflow_jax.nn import data as TD
 
         sj.simulate(0, a.tiny_train, out=out / "trainset", progress=False)
         fc = F.FlowConfig.small(11, 11).replace(n_blocks=3, hidden=64)
@@ -59,11 +63,11 @@ def main(argv=None):
 
     # the mock galaxy: truth from the prior, noisy photometry from the noise model
     key = jax.random.key(a.seed)
-    s_true, _, flux, sigma = C.mock_galaxy(model, a.z, jax.random.fold_in(key, 0),
+    s_true, _, flux, sigma = mocks.mock_galaxy(model, a.z, jax.random.fold_in(key, 0),
                                            jax.random.fold_in(key, 1))
 
     # the flow: 10^4 draws (timed after a warm-up call, as a user would see it per galaxy)
-    x = C.to_conditioning(flux[None], sigma[None], np.array([a.z]))
+    x = layout.to_conditioning(flux[None], sigma[None], np.array([a.z]))
     post.sample_batched(jax.random.fold_in(key, 2), x, a.n_samples)
     t0 = time.perf_counter()
     fs = post.sample_batched(jax.random.fold_in(key, 3), x, a.n_samples)

@@ -54,8 +54,10 @@ def train_masked_model(out, *, train_rows=1_000_000, seed=0, max_epochs=130, pat
     """Simulate ``train_rows`` galaxies and train a mask-aware flow into ``out`` (in logit
     coordinates: every draw lies inside the prior box)."""
     import sedflow_jax as sj
-    from sedflow_jax import flow as F
-    from sedflow_jax import train as T
+    from sedflow_jax.nn import flow as F
+    from sedflow_jax.nn import train as T
+    from sedflow_jax.nn import checkpoint as CK
+    from sedflow_jax.nn import data as TD
 
     out = Path(out)
     sj.simulate(seed, train_rows, out=out / "trainset", progress=progress)
@@ -74,7 +76,7 @@ def rest_frame_gi(model, theta, z, mag_obs, n_draws: int = 16):
 
     theta (m, n, 12) posterior draws; z (m,); mag_obs (m, 5) ugriz. K_b(z) = m_b(z) - m_b(z0) -
     [DM(z) - DM(z0)] with z0 = 0.001 (rest frame)."""
-    from sedflow_jax import cosmology
+    from sedflow_jax.sed import cosmology
 
     m = theta.shape[0]
     k = min(n_draws, theta.shape[1])
@@ -105,7 +107,7 @@ def taylor2011_logmass(gi_rest, abs_i):
 
 def speagle2014_sfs(logm, z=0.1):
     """Speagle et al. (2014) star-forming sequence (Kroupa IMF): log SFR at log M*, redshift z."""
-    from sedflow_jax import cosmology
+    from sedflow_jax.sed import cosmology
 
     t = float(cosmology.age_gyr(np.float32(z)))
     return (0.84 - 0.026 * t) * logm - (6.51 - 0.11 * t)
@@ -117,7 +119,7 @@ def prior_ssfr_quantiles(model, prior=None, z=0.1, n=20_000, seed=0, q=(16, 50, 
     depend on M*, so its band in the SFR-M* plane is log SFR = log M* + these values."""
     import jax
 
-    from sedflow_jax import prior as P
+    from sedflow_jax.sim import prior as P
 
     prior = P.provabgs_prior() if prior is None else prior
     th = np.asarray(P.sample(jax.random.key(seed), prior, n))
@@ -195,14 +197,17 @@ def calibration_on_mocks(post, n_mock: int = 300, n: int = 199, seed: int = 2024
     import jax
 
     import sedflow_jax as sj
-    from sedflow_jax import catalog as C
-    from sedflow_jax import diagnostics as D
-    from sedflow_jax import masking as M
-    from sedflow_jax import prior as P
+    from sedflow_jax.io import catalog as C
+    from sedflow_jax.io import mocks
+    from sedflow_jax.sim import layout
+    from sedflow_jax.eval import diagnostics as D
+    from sedflow_jax.sbi import masks as M
+    from sedflow_jax.sbi import inference as INF
+    from sedflow_jax.sim import prior as P
 
     cat = sj.mock_catalog(seed, n_mock, model=sj.load_model(z_max=post.prior.zmax))
     ph = C.read_photometry(cat, post.bands)
-    x = C.to_conditioning(ph.flux, ph.sigma, ph.z)
+    x = layout.to_conditioning(ph.flux, ph.sigma, ph.z)
     truth = np.asarray(P.to_sampling(np.column_stack(
         [np.asarray(cat[k], float) for k in P.PARAM_NAMES]).astype(np.float32)))
     out = {}
@@ -244,8 +249,9 @@ def main(argv=None):
     a = ap.parse_args(argv)
 
     import sedflow_jax as sj
-    from sedflow_jax import masking as M
-    from sedflow_jax.posterior import AmortizedPosterior
+    from sedflow_jax.sbi import masks as M
+    from sedflow_jax.sbi import inference as INF
+    from sedflow_jax.sbi.posterior import AmortizedPosterior
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -259,17 +265,19 @@ def main(argv=None):
     n_gal = None if a.n_galaxies == "all" else int(a.n_galaxies)
     cat = load_catalog(n_gal, a.seed, a.catalog)
     model = sj.load_model(filters=list(post.bands), z_max=post.prior.zmax)
-    res = M.infer_catalog(post, cat, key=a.seed, n_samples=a.n_samples, n_derived=a.n_derived,
+    res = INF.infer_catalog(post, cat, key=a.seed, n_samples=a.n_samples, n_derived=a.n_derived,
                           model=model, snr_floor=a.snr_floor, noise_policy=a.noise_policy,
                           **READ_KW)
     rep = dict(res.report)
     rep["time_model_s"] = t_model
     table = res.table
     # figures
-    from sedflow_jax import catalog as C
+    from sedflow_jax.io import catalog as C
+    from sedflow_jax.io import mocks
+    from sedflow_jax.sim import layout
 
     ph = res.photometry
-    x = C.to_conditioning(ph.flux, ph.sigma, ph.z)
+    x = layout.to_conditioning(ph.flux, ph.sigma, ph.z)
     if post.support is not None:
         M.plot_support(post.support, x, out / "support.png", mask=ph.mask | (ph.band_flag ==
                                                                              C.BAND_NOISE_OOS))

@@ -6,33 +6,43 @@ global JAX configuration):
 - :func:`load_model` -> :class:`SEDModel` (photometry / sed / derived of the PROVABGS model)
 - :func:`load_ssp_grid`, :class:`SSPGrid` (the shipped BC03 grid, DSPS HDF5 FSPS grids)
 - :func:`simulate` (training sets), :func:`mock_catalog` (mock galaxies with known truths)
+- :func:`read_photometry` (catalogs as users have them)
 - :func:`train_posterior` -> :class:`AmortizedPosterior` (sample / sample_batched / log_prob)
+- :func:`infer_catalog` (plain, in memory) and :func:`infer_catalog_streaming` (chunked,
+  resumable, over devices and hosts): posteriors for whole catalogs
+
+The package is layered (see ``docs/architecture.md``): ``sed`` (physics) and ``nn`` (flows) at
+the bottom, then ``sim`` (priors, noise, training sets), ``io`` (catalogs), ``sbi`` and ``mcmc``
+(inference), ``eval`` (diagnostics), and ``cli`` / ``demo`` on top.
 """
 from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401
 
 _LAZY = {
-    "load_model": "sedflow_jax.model",
-    "SEDModel": "sedflow_jax.model",
-    "ModelConfig": "sedflow_jax.model",
-    "PARAM_NAMES": "sedflow_jax.model",
-    "load_ssp_grid": "sedflow_jax.ssp",
-    "load_dsps_hdf5": "sedflow_jax.ssp",
-    "SSPGrid": "sedflow_jax.ssp",
-    "load_filter": "sedflow_jax.photometry",
-    "Filter": "sedflow_jax.photometry",
-    "simulate": "sedflow_jax.simulation",
-    "load_training_set": "sedflow_jax.simulation",
-    "mock_catalog": "sedflow_jax.catalog",
-    "read_photometry": "sedflow_jax.catalog",
-    "AmortizedPosterior": "sedflow_jax.posterior",
-    "train_posterior": "sedflow_jax.posterior",
-    "provabgs_prior": "sedflow_jax.prior",
-    "default_noise_model": "sedflow_jax.noise",
-    "fit_noise_model": "sedflow_jax.noise",
+    "load_model": "sedflow_jax.sed.model",
+    "SEDModel": "sedflow_jax.sed.model",
+    "ModelConfig": "sedflow_jax.sed.model",
+    "PARAM_NAMES": "sedflow_jax.sed.params",
+    "SAMPLING_NAMES": "sedflow_jax.sed.params",
+    "load_ssp_grid": "sedflow_jax.sed.ssp",
+    "load_dsps_hdf5": "sedflow_jax.sed.ssp",
+    "SSPGrid": "sedflow_jax.sed.ssp",
+    "load_filter": "sedflow_jax.sed.photometry",
+    "Filter": "sedflow_jax.sed.photometry",
+    "simulate": "sedflow_jax.sim.simulate",
+    "load_training_set": "sedflow_jax.sim.readers",
+    "provabgs_prior": "sedflow_jax.sim.prior",
+    "default_noise_model": "sedflow_jax.sim.noise",
+    "fit_noise_model": "sedflow_jax.sim.noise",
+    "mock_catalog": "sedflow_jax.io.mocks",
+    "read_photometry": "sedflow_jax.io.catalog",
+    "AmortizedPosterior": "sedflow_jax.sbi.posterior",
+    "train_posterior": "sedflow_jax.sbi.training",
+    "infer_catalog": "sedflow_jax.sbi.inference",
+    "infer_catalog_streaming": "sedflow_jax.sbi.streaming",
 }
 
 

@@ -13,7 +13,24 @@ import json
 import time
 from pathlib import Path
 
+import h5py
+import jax
 import numpy as np
+
+from . import mcmc as M
+from .eval import diagnostics as D
+from .eval.validation import validate_posterior, validation_markdown
+from .io import catalog as C
+from .io.mocks import mock_catalog, mock_truths
+from .nn import flow as F
+from .nn import train as T
+from .sbi.summary import summarize
+from .sbi.training import train_posterior
+from .sed.model import load_model
+from .sed.params import PARAM_NAMES, SAMPLING_NAMES
+from .sim.layout import to_conditioning
+from .sim.simulate import simulate
+from .version import __version__
 
 #: sizes: small runs on a 2-core CPU in minutes; paper uses SEDflow's sizes (for a GPU). Both
 #: train the flow in logit coordinates (every draw inside the prior box; override
@@ -33,17 +50,6 @@ SIZES = {
 def run_demo(out, size: str = "small", *, seed: int = 0, overrides: dict | None = None,
              progress: bool = True) -> dict:
     """Run every stage into folder ``out``; returns the summary dict (also written to disk)."""
-    import jax
-
-    import sedflow_jax as sj
-    from sedflow_jax import catalog as C
-    from sedflow_jax import diagnostics as D
-    from sedflow_jax import flow as F
-    from sedflow_jax import mcmc as M
-    from sedflow_jax import train as T
-    from sedflow_jax.posterior import summarize, train_posterior
-    from sedflow_jax.validation import validate_posterior
-
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}")
     cfg = dict(SIZES[size], **(overrides or {}))
@@ -52,7 +58,7 @@ def run_demo(out, size: str = "small", *, seed: int = 0, overrides: dict | None 
     fig_dir = out / "figures"
     fig_dir.mkdir(exist_ok=True)
     times = {}
-    meta = {"sedflow_jax_version": sj.__version__, "size": size, "seed": seed, "config": cfg,
+    meta = {"sedflow_jax_version": __version__, "size": size, "seed": seed, "config": cfg,
             "jax_backend": jax.default_backend()}
     (out / "config.json").write_text(json.dumps(meta, indent=2))
 
@@ -61,8 +67,8 @@ def run_demo(out, size: str = "small", *, seed: int = 0, overrides: dict | None 
         return time.perf_counter()
 
     t = stage(f"1/6 simulate {cfg['n_train']:,} training galaxies")
-    model = sj.load_model(z_max=0.2)
-    sim = sj.simulate(seed, cfg["n_train"], model, out=out / "trainset", progress=progress)
+    model = load_model(z_max=0.2)
+    sim = simulate(seed, cfg["n_train"], model, out=out / "trainset", progress=progress)
     times["simulate_s"] = time.perf_counter() - t
 
     t = stage("2/6 train the flow")
@@ -79,25 +85,23 @@ def run_demo(out, size: str = "small", *, seed: int = 0, overrides: dict | None 
 
     t = stage(f"3/6 mock catalog of {cfg['n_catalog']} held-out galaxies and their posteriors")
     key = jax.random.key(seed + 1_000_003)
-    cat = C.mock_catalog(jax.random.fold_in(key, 0), cfg["n_catalog"], model=model)
-    cat.meta.update({"sedflow_jax_version": sj.__version__})
+    cat = mock_catalog(jax.random.fold_in(key, 0), cfg["n_catalog"], model=model)
+    cat.meta.update({"sedflow_jax_version": __version__})
     cat.write(out / "mock_catalog.fits", overwrite=True)
     ph = C.read_photometry(cat, post.bands)
-    x = C.to_conditioning(ph.flux, ph.sigma, ph.z)
+    x = to_conditioning(ph.flux, ph.sigma, ph.z)
     t_inf = time.perf_counter()
     smp = post.sample_batched(jax.random.fold_in(key, 1), x, cfg["n_samples"])
     t_inf = time.perf_counter() - t_inf
     table = summarize(smp, model=model, z=ph.z, n_derived=200)
-    for name in sj.PARAM_NAMES:
+    for name in PARAM_NAMES:
         table[f"{name}_true"] = cat[name]
     table["z"] = cat["z"]
-    table.meta.update({"sedflow_jax_version": sj.__version__, "n_samples": cfg["n_samples"]})
+    table.meta.update({"sedflow_jax_version": __version__, "n_samples": cfg["n_samples"]})
     table.write(out / "posteriors.fits", overwrite=True)
-    import h5py
-
     with h5py.File(out / "posterior_samples.h5", "w") as f:
         f["theta"] = smp.theta
-        f.attrs["param_names"] = list(sj.PARAM_NAMES)
+        f.attrs["param_names"] = list(PARAM_NAMES)
     times["infer_s"] = time.perf_counter() - t
     times["infer_galaxies_per_s"] = cfg["n_catalog"] / t_inf
 
@@ -110,15 +114,14 @@ def run_demo(out, size: str = "small", *, seed: int = 0, overrides: dict | None 
         num_chains=cfg["mcmc_chains"], num_warmup=cfg["mcmc_warmup"],
         num_samples=cfg["mcmc_samples"], max_tree_depth=cfg["mcmc_tree_depth"])
     times["mcmc_s"] = time.perf_counter() - t
+    _, truths = mock_truths(cat)
     for r in rows:
         res = results.get(r)
         if res is None:
             continue
         flow_s, flow_theta = smp.draws(r)
-        truth = np.asarray(sj.prior.to_sampling(
-            np.array([[cat[n][r] for n in sj.PARAM_NAMES]], np.float32)))[0]
         D.plot_corner({"SEDflow (flow)": flow_s, "NUTS": res.flat_samples},
-                      list(sj.prior.SAMPLING_NAMES), truth, fig_dir / f"corner_galaxy{r}.png")
+                      list(SAMPLING_NAMES), truths[r], fig_dir / f"corner_galaxy{r}.png")
         D.plot_sed_fit(model, flow_theta, float(cat["z"][r]),
                        ph.flux[r], ph.sigma[r], fig_dir / f"sed_galaxy{r}.png")
 
@@ -156,8 +159,6 @@ def run_demo(out, size: str = "small", *, seed: int = 0, overrides: dict | None 
 
 
 def _markdown(s: dict) -> str:
-    from sedflow_jax.validation import validation_markdown
-
     t = s["timings_s"]
     c = s["catalog"]
     lines = [

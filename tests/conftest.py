@@ -50,7 +50,6 @@ def _release_compiled_code():
 
     from sedflow_jax import mcmc
 
-    mcmc._MCMC_CACHE.clear()
-    mcmc._COMPILED.clear()
+    mcmc.clear_caches()
     jax.clear_caches()
     gc.collect()

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import sedflow_jax as sj
-from sedflow_jax import cosmology, dust, photometry, sfh, ssp
+from sedflow_jax.sed import cosmology, dust, photometry, sfh, ssp
 
 import dsps  # noqa: E402  (after our imports on purpose; flips x64)
 from dsps.dust.att_curves import noll09_k_att_curve

@@ -6,6 +6,7 @@ import pytest
 from astropy.table import Table
 
 from sedflow_jax import cli
+from sedflow_jax.cli import config as cli_config
 
 
 def test_example_writes_outputs(tmp_path, capsys):
@@ -75,7 +76,7 @@ def test_mcmc_command_fits_catalog_rows(tmp_path, capsys):
     summ = Table.read(out / "summary.ecsv")
     assert list(summ["row"]) == [0, 1] and list(summ["status"]) == ["ok", "ok"]
     assert list(summ["n_bands"]) == [4, 5]
-    from sedflow_jax import prior as P
+    from sedflow_jax.sim import prior as P
     from sedflow_jax.mcmc import load_result
 
     lo, hi = (np.asarray(a) for a in P.sampling_bounds(P.provabgs_prior()))
@@ -87,7 +88,7 @@ def test_mcmc_command_fits_catalog_rows(tmp_path, capsys):
         assert np.all((r.flat_samples >= lo - 1e-6) & (r.flat_samples <= hi + 1e-6))
         assert r.info["kernel"]["max_tree_depth"] == "3"
         assert r.info["mean_num_steps"] <= 7  # 2^3 - 1
-    cfg = (out / cli.CONFIG_NAME).read_text()
+    cfg = (out / cli_config.CONFIG_NAME).read_text()
     assert "cpu-devices = 2" in cfg or "cpu_devices = 2" in cfg, cfg
     # a NUTS-only option with an ensemble sampler is refused
     assert cli.main(argv[:6] + ["ess", "--max-tree-depth", "3", "--out", str(tmp_path / "e")]) == 2

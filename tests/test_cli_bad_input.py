@@ -13,8 +13,11 @@ import numpy as np
 import pytest
 from astropy.table import Table
 
-from sedflow_jax import catalog as C
+from sedflow_jax.io import catalog as C
+from sedflow_jax.io import mocks
+from sedflow_jax.sim import layout
 from sedflow_jax import cli
+from sedflow_jax.cli import config as cli_config
 from test_parallel_cli import N_GOOD, N_SAMPLES, assert_tables_match, filled, good_catalog, \
     save_tiny_posterior
 
@@ -66,7 +69,7 @@ def test_simulate_from_toml_equals_flags_and_record_reproduces(tmp_path, capsys)
     assert dumped["seed"] == 4 and dumped["n"] == 256 and dumped["include-flux"] is False
     assert not (tmp_path / "s4").exists()  # --dump-config runs nothing
     # the dump is itself a config file
-    (tmp_path / "d.toml").write_text("\n".join(f"{k} = {cli._toml_value(v)}"
+    (tmp_path / "d.toml").write_text("\n".join(f"{k} = {cli_config.toml_value(v)}"
                                                for k, v in dumped.items()))
     assert _main(["simulate", "--config", tmp_path / "d.toml", "--dump-config"]) == 0
     assert tomllib.loads(capsys.readouterr().out) == dumped
@@ -108,7 +111,7 @@ def test_infer_table_record_reproduces(setup, tmp_path, capsys):
     out = tmp_path / "a.fits"
     assert _main(["infer", "--model", model, "--catalog", cat, "--out", out, *INFER]) == 0
     t = Table.read(out)
-    rec = json.loads(t.meta[cli.TABLE_CONFIG_KEY])
+    rec = json.loads(t.meta[cli_config.TABLE_CONFIG_KEY])
     assert rec["command"] == "infer" and rec["n-samples"] == N_SAMPLES and rec["seed"] == 2
     assert rec["sedflow_jax_version"] == t.meta["sedflow_jax_version"]
     # rerun from the table itself (its recorded configuration), to another file
@@ -301,7 +304,7 @@ def test_overwrite_replaces(tmp_path, capsys):
     assert cli.main(["photometry", "--theta", *theta, "--z", "0.1", "--output", str(p),
                      "--overwrite"]) == 0
     t = Table.read(p)
-    assert len(t) == 1 and json.loads(t.meta[cli.TABLE_CONFIG_KEY])["overwrite"] is True
+    assert len(t) == 1 and json.loads(t.meta[cli_config.TABLE_CONFIG_KEY])["overwrite"] is True
 
 
 def test_catalog_units_magnitudes_and_jansky():
@@ -310,7 +313,9 @@ def test_catalog_units_magnitudes_and_jansky():
     import astropy.units as u
     from astropy.table import Table
 
-    from sedflow_jax import catalog as C
+    from sedflow_jax.io import catalog as C
+    from sedflow_jax.io import mocks
+    from sedflow_jax.sim import layout
 
     bands = ("g", "r")
     f = np.array([[10.0, 25.0], [3.0, 0.5]])  # nanomaggies

@@ -6,7 +6,7 @@ An exact sampler draws from that posterior; an over-confident one shrinks its wi
 import numpy as np
 import pytest
 
-from sedflow_jax import diagnostics as D
+from sedflow_jax.eval import diagnostics as D
 
 N_SIM, M_DRAWS, DIM = 400, 100, 3
 

@@ -37,7 +37,7 @@ def test_fit_single_galaxy(tmp_path):
     for f in ("corner.png", "sed.png", "summary.json", "nuts.npz"):
         assert (out / f).stat().st_size > 0
     from sedflow_jax import mcmc as M
-    from sedflow_jax import prior as P
+    from sedflow_jax.sim import prior as P
 
     r = M.load_result(out / "nuts.npz")
     assert r.samples.shape == (2, 30, 11) and r.info["init"] == "samples"

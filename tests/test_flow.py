@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sedflow_jax import flow as F
+from sedflow_jax.nn import flow as F
 
 
 def _randomize(flow, scale=0.3, seed=1):

@@ -6,13 +6,19 @@ import pytest
 from scipy import stats
 
 import sedflow_jax as sj
-from sedflow_jax import catalog as C
-from sedflow_jax import diagnostics as D
-from sedflow_jax import flow as F
-from sedflow_jax import masking as M
-from sedflow_jax import prior as P
-from sedflow_jax import train as T
-from sedflow_jax.posterior import AmortizedPosterior, train_posterior
+from sedflow_jax.io import catalog as C
+from sedflow_jax.io import mocks
+from sedflow_jax.sim import layout
+from sedflow_jax.eval import diagnostics as D
+from sedflow_jax.nn import flow as F
+from sedflow_jax.sbi import masks as M
+from sedflow_jax.sbi import inference as INF
+from sedflow_jax.sim import prior as P
+from sedflow_jax.nn import train as T
+from sedflow_jax.nn import checkpoint as CK
+from sedflow_jax.nn import data as TD
+from sedflow_jax.sbi.posterior import AmortizedPosterior
+from sedflow_jax.sbi.training import train_posterior
 
 NB = 5
 
@@ -78,7 +84,7 @@ def masked():
     model = sj.load_model(z_max=0.2)
     cat = sj.mock_catalog(77, 160, model=model)
     ph = C.read_photometry(cat, post.bands)
-    x = C.to_conditioning(ph.flux, ph.sigma, ph.z)
+    x = layout.to_conditioning(ph.flux, ph.sigma, ph.z)
     truth = np.asarray(P.to_sampling(np.column_stack(
         [np.asarray(cat[n], float) for n in P.PARAM_NAMES]).astype(np.float32)))
     return post, res, x, truth
@@ -175,7 +181,7 @@ def _exact(x, mask):
 def toy_flow():
     th, x = _toy(np.random.default_rng(0), 40_000)
     fill = x.mean(0)[:2 * NB]
-    src = M.BandDropout(T.ArrayData(th, x), fill, p_drop=0.7, min_bands=1, seed=0)
+    src = M.BandDropout(TD.ArrayData(th, x), fill, p_drop=0.7, min_bands=1, seed=0)
     assert src.d_context == 3 * NB + 1
     tc = T.TrainConfig(batch_size=256, learning_rate=2e-3, patience=5, max_epochs=40,
                        progress=False)

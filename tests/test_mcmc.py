@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sedflow_jax import diagnostics as D
-from sedflow_jax.catalog import mock_galaxy
+from sedflow_jax.eval import diagnostics as D
+from sedflow_jax.io.mocks import mock_galaxy
 from sedflow_jax import mcmc as M
-from sedflow_jax import prior as P
+from sedflow_jax.sim import prior as P
 
 # ------------------------------------------------------------------------------------------
 # linear-Gaussian problem: y = A theta + eps, eps ~ N(0, s^2 I), theta ~ N(m0, S0)

@@ -6,8 +6,8 @@ import pytest
 
 import sedflow_jax as sj
 from conftest import THETA0, canonical_prior_draws
-from sedflow_jax import model as M
-from sedflow_jax import photometry as ph
+from sedflow_jax.sed import model as M
+from sedflow_jax.sed import photometry as ph
 
 
 def test_single_burst_equals_interpolated_ssp():
@@ -15,7 +15,7 @@ def test_single_burst_equals_interpolated_ssp():
     m = sj.load_model()
     g = m.grid
     bases = sj.sfh.load_nmf_bases() if hasattr(sj, "sfh") else None
-    from sedflow_jax import sfh
+    from sedflow_jax.sed import sfh
 
     bases = sfh.load_nmf_bases()
     j, im = 150, 4  # an age node (~1.4 Gyr) and the solar node
@@ -75,7 +75,7 @@ def test_mass_scaling_and_normalisation(model):
     th[0] += 1.0
     np.testing.assert_allclose(np.asarray(model.photometry(th, 0.1), float), 10 * f1, rtol=1e-5)
     # sum of bin SFR x width = 10^logM (fburst = 0)
-    from sedflow_jax import cosmology, sfh
+    from sedflow_jax.sed import cosmology, sfh
 
     lay = sfh.bin_layout(cosmology.age_gyr(jnp.float32(0.1)))
     w = sfh.nmf_mass_fractions(jnp.asarray(th[1:5], jnp.float32), lay, sfh.load_nmf_bases())

@@ -83,7 +83,7 @@ def test_derived_agree_with_reference(model):
 
 def test_bin_masses_sum_and_match_reference():
     import jax.numpy as jnp
-    from sedflow_jax import cosmology, sfh
+    from sedflow_jax.sed import cosmology, sfh
 
     bases = sfh.load_nmf_bases()
     for z in (0.01, 0.1, 0.3, 1.0):

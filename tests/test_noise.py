@@ -11,7 +11,7 @@ import pytest
 from astropy.table import Table
 from scipy import stats
 
-from sedflow_jax import noise as N
+from sedflow_jax.sim import noise as N
 
 CATALOG = Path(__file__).resolve().parents[1] / "examples" / "data" / "sdss_main_10k.fits"
 SDSS = ("sdss_u", "sdss_g", "sdss_r", "sdss_i", "sdss_z")

@@ -42,20 +42,22 @@ DIST_EXIT_SKIP = 77
 # shared helpers (used here and in the worker processes)
 # ---------------------------------------------------------------------------------------------
 def _model():
-    from sedflow_jax.model import load_model
+    from sedflow_jax.sed.model import load_model
 
     return load_model(z_max=0.2, filters=FILTERS)
 
 
 def _reference(model):
-    from sedflow_jax import simulation as S
+    from sedflow_jax.sim import simulate as S
+    from sedflow_jax.sim import readers as SR
+    from sedflow_jax.sim import layout
 
     return S.simulate(SEED, N_ROWS, model, block=BLOCK, chunk=CHUNK, include_flux=True,
                       progress=False)
 
 
 def _flow_config(batch_norm=False):
-    from sedflow_jax import flow as F
+    from sedflow_jax.nn import flow as F
 
     # one block: the unrolled sampler compiles in half the time of two
     return F.FlowConfig.small(11, 2 * len(FILTERS) + 1, seed=0, n_blocks=1, hidden=32,
@@ -67,9 +69,9 @@ def _posterior():
     z-scoring of x = [mag_r, sigma_mag_r, z] and a training range that makes a few rows OOD."""
     import jax
 
-    from sedflow_jax import flow as F
-    from sedflow_jax import prior as P
-    from sedflow_jax.posterior import AmortizedPosterior
+    from sedflow_jax.nn import flow as F
+    from sedflow_jax.sim import prior as P
+    from sedflow_jax.sbi.posterior import AmortizedPosterior
 
     prior = P.provabgs_prior()
     lo, hi = (np.asarray(a, np.float64) for a in P.sampling_bounds(prior))
@@ -121,7 +123,9 @@ def _train_data(ref):
 
 
 def _train_config():
-    from sedflow_jax import train as T
+    from sedflow_jax.nn import train as T
+    from sedflow_jax.nn import checkpoint as CK
+    from sedflow_jax.nn import data as TD
 
     return T.TrainConfig(seed=0, batch_size=128, learning_rate=1e-3, max_epochs=2, patience=5,
                          eval_batch_size=256, progress=False)
@@ -137,8 +141,11 @@ def _flat_params(flow):
 
 def _summary(path):
     from sedflow_jax import parallel as par
+    from sedflow_jax.sbi import sampling as SMP
+    from sedflow_jax.sbi import streaming as ST
+    from sedflow_jax.sim import simulate as SIM
 
-    t, th = par.read_inference(path, samples=True)
+    t, th = ST.read_inference(path, samples=True)
     return t, th
 
 
@@ -150,8 +157,15 @@ def _worker_devices(outdir):
     import jax
 
     from sedflow_jax import parallel as par
-    from sedflow_jax import simulation as S
-    from sedflow_jax import train as T
+    from sedflow_jax.sbi import sampling as SMP
+    from sedflow_jax.sbi import streaming as ST
+    from sedflow_jax.sim import simulate as SIM
+    from sedflow_jax.sim import simulate as S
+    from sedflow_jax.sim import readers as SR
+    from sedflow_jax.sim import layout
+    from sedflow_jax.nn import train as T
+    from sedflow_jax.nn import checkpoint as CK
+    from sedflow_jax.nn import data as TD
 
     assert len(jax.devices()) == 4, jax.devices()
     model = _model()
@@ -177,12 +191,12 @@ def _worker_devices(outdir):
     # sampling and streaming inference over the 4 devices (rows not a multiple of 4)
     post = _posterior()
     t0 = time.perf_counter()
-    s = par.sample_rows(post, jax.random.key(5), res.x[:203], np.arange(203), N_SAMPLES,
+    s = SMP.sample_rows(post, jax.random.key(5), res.x[:203], np.arange(203), N_SAMPLES,
                         mesh=mesh, max_rows=MAX_ROWS)
     out["rows_s"], out["rows_acc"] = s.s, s.acceptance
     times["sample_rows"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    par.infer_catalog_streaming(post, _catalog(res), os.path.join(outdir, "infer4.h5"),
+    ST.infer_catalog_streaming(post, _catalog(res), os.path.join(outdir, "infer4.h5"),
                                 n_samples=N_SAMPLES, key=5, chunk_rows=300, mesh=mesh,
                                 max_rows=MAX_ROWS, store_samples=True, keep_columns=["objid"],
                                 progress=False)
@@ -206,17 +220,24 @@ def _worker_distributed(pid, port, outdir):
         print(f"distributed init failed: {e!r}", file=sys.stderr)
         sys.exit(DIST_EXIT_SKIP)
     from sedflow_jax import parallel as par
-    from sedflow_jax import simulation as S
-    from sedflow_jax import train as T
+    from sedflow_jax.sbi import sampling as SMP
+    from sedflow_jax.sbi import streaming as ST
+    from sedflow_jax.sim import simulate as SIM
+    from sedflow_jax.sim import simulate as S
+    from sedflow_jax.sim import readers as SR
+    from sedflow_jax.sim import layout
+    from sedflow_jax.nn import train as T
+    from sedflow_jax.nn import checkpoint as CK
+    from sedflow_jax.nn import data as TD
 
     model = _model()
     folder = os.path.join(outdir, "dist_set")
-    res, merged = par.simulate_distributed(SEED, N_ROWS, model, out=folder, block=BLOCK,
+    res, merged = SIM.simulate_distributed(SEED, N_ROWS, model, out=folder, block=BLOCK,
                                            chunk=CHUNK, include_flux=True, progress=False)
     info = {"pid": pid, "rows_computed": res.timings["rows_computed"],
             "host_complete": res.complete, "merged": merged is not None}
     # data-parallel training over a mesh spanning both processes
-    data = S.load_training_set(folder)
+    data = SR.load_training_set(folder)
     fit = T.fit(0, _train_config(), _flow_config(batch_norm=True),
                 data={"theta": data["theta"][:427], "x": data["x"][:427]},
                 mesh=par.make_mesh("global"))
@@ -238,6 +259,9 @@ def _worker_killed_infer(root):
     import threading
 
     from sedflow_jax import parallel as par
+    from sedflow_jax.sbi import sampling as SMP
+    from sedflow_jax.sbi import streaming as ST
+    from sedflow_jax.sim import simulate as SIM
 
     post = _posterior()
     cat_path = os.path.join(root, "kill_cat.fits")
@@ -253,7 +277,7 @@ def _worker_killed_infer(root):
         os.kill(os.getpid(), signal.SIGKILL)
 
     threading.Thread(target=killer, daemon=True).start()
-    par.infer_catalog_streaming(post, cat_path, out, _on_chunk=lambda i: time.sleep(0.01),
+    ST.infer_catalog_streaming(post, cat_path, out, _on_chunk=lambda i: time.sleep(0.01),
                                 **KILL_KW)
     time.sleep(5)  # not reached unless every chunk finished first
     sys.exit(3)
@@ -351,7 +375,9 @@ def catalog(reference):
 
 @pytest.fixture(scope="module")
 def fit_reference(reference):
-    from sedflow_jax import train as T
+    from sedflow_jax.nn import train as T
+    from sedflow_jax.nn import checkpoint as CK
+    from sedflow_jax.nn import data as TD
 
     return T.fit(0, _train_config(), _flow_config(batch_norm=True), data=_train_data(reference))
 
@@ -359,9 +385,12 @@ def fit_reference(reference):
 @pytest.fixture(scope="module")
 def infer_reference(posterior, catalog, tmp_path_factory):
     from sedflow_jax import parallel as par
+    from sedflow_jax.sbi import sampling as SMP
+    from sedflow_jax.sbi import streaming as ST
+    from sedflow_jax.sim import simulate as SIM
 
     out = str(tmp_path_factory.mktemp("infer_ref") / "ref.h5")
-    res = par.infer_catalog_streaming(posterior, catalog, out, n_samples=N_SAMPLES, key=5,
+    res = ST.infer_catalog_streaming(posterior, catalog, out, n_samples=N_SAMPLES, key=5,
                                       chunk_rows=300, store_samples=True, max_rows=MAX_ROWS,
                                       keep_columns=["objid"], progress=False)
     assert res.complete and res.finalized and res.chunks_computed == 4
@@ -399,6 +428,9 @@ def test_mesh_padding_and_partition():
     import jax
 
     from sedflow_jax import parallel as par
+    from sedflow_jax.sbi import sampling as SMP
+    from sedflow_jax.sbi import streaming as ST
+    from sedflow_jax.sim import simulate as SIM
 
     mesh = par.make_mesh()
     assert par.mesh_size(mesh, local=True) == len(jax.local_devices())
@@ -421,7 +453,12 @@ def test_mesh_padding_and_partition():
 # ---------------------------------------------------------------------------------------------
 def test_hosts_share_shards_and_merge(model, reference, tmp_path):
     from sedflow_jax import parallel as par
-    from sedflow_jax import simulation as S
+    from sedflow_jax.sbi import sampling as SMP
+    from sedflow_jax.sbi import streaming as ST
+    from sedflow_jax.sim import simulate as SIM
+    from sedflow_jax.sim import simulate as S
+    from sedflow_jax.sim import readers as SR
+    from sedflow_jax.sim import layout
 
     out = tmp_path / "set"
     kw = dict(block=BLOCK, chunk=CHUNK, include_flux=True, progress=False, out=out)
@@ -429,17 +466,17 @@ def test_hosts_share_shards_and_merge(model, reference, tmp_path):
     assert r1.complete and r1.timings["rows_computed"] == 512  # shard 1 only
     assert (out / "manifest.host1.json").exists() and not (out / "manifest.json").exists()
     with pytest.raises(FileNotFoundError, match="merge_manifests"):
-        S.load_training_set(out)
+        SR.load_training_set(out)
     with pytest.raises(ValueError, match="not done"):
-        par.merge_manifests(out)
-    assert par.merge_manifests(out, strict=False) is None
+        SIM.merge_manifests(out)
+    assert SIM.merge_manifests(out, strict=False) is None
     r0 = S.simulate(SEED, N_ROWS, model, hosts=(0, 2), **kw)  # shards 0, 2; then merges
     assert r0.timings["rows_computed"] == 512 + 176
     m = S.read_manifest(out)
     assert m["complete"] and [e["index"] for e in m["shards"]] == [0, 1, 2]
     assert m["n_rows_done"] == N_ROWS and "host" not in m
-    _assert_bitwise(S.load_training_set(out, keep_only=False), _as_disk(reference))
-    again = par.merge_manifests(out, verify=True)  # idempotent
+    _assert_bitwise(SR.load_training_set(out, keep_only=False), _as_disk(reference))
+    again = SIM.merge_manifests(out, verify=True)  # idempotent
     assert [e["sha256"] for e in again["shards"]] == [e["sha256"] for e in m["shards"]]
     # a different configuration in the same folder is refused, per host too
     with pytest.raises(ValueError, match="different configuration"):
@@ -449,7 +486,12 @@ def test_hosts_share_shards_and_merge(model, reference, tmp_path):
 def test_hosts_restart_with_another_count(model, reference, tmp_path):
     """Kill / restart hosts with another process count: every shard is computed exactly once."""
     from sedflow_jax import parallel as par
-    from sedflow_jax import simulation as S
+    from sedflow_jax.sbi import sampling as SMP
+    from sedflow_jax.sbi import streaming as ST
+    from sedflow_jax.sim import simulate as SIM
+    from sedflow_jax.sim import simulate as S
+    from sedflow_jax.sim import readers as SR
+    from sedflow_jax.sim import layout
 
     n = 2 * N_ROWS  # 10 blocks -> 5 shards: host 0 of 2 owns 0, 2, 4; host 1 owns 1, 3
     out = tmp_path / "set"
@@ -470,13 +512,13 @@ def test_hosts_restart_with_another_count(model, reference, tmp_path):
     assert m["complete"] and m["n_rows_done"] == n
     assert [(e["row_start"], e["row_stop"]) for e in m["shards"]] == \
         [(i * CHUNK, min(n, (i + 1) * CHUNK)) for i in range(5)]
-    full = S.load_training_set(out, keep_only=False)
+    full = SR.load_training_set(out, keep_only=False)
     _assert_bitwise({k: v[:N_ROWS] for k, v in full.items()}, _as_disk(reference))
     assert np.array_equal(full["row"], np.arange(n))
     # a single host resuming the finished folder computes nothing
     r = S.simulate(SEED, n, model, **kw)
     assert r.complete and r.timings["rows_computed"] == 0
-    assert par.merge_manifests(out)["n_rows_done"] == n
+    assert SIM.merge_manifests(out)["n_rows_done"] == n
 
 
 # ---------------------------------------------------------------------------------------------
@@ -486,26 +528,29 @@ def test_sample_rows_is_row_keyed(posterior, reference):
     import jax
 
     from sedflow_jax import parallel as par
+    from sedflow_jax.sbi import sampling as SMP
+    from sedflow_jax.sbi import streaming as ST
+    from sedflow_jax.sim import simulate as SIM
 
     key = jax.random.key(5)
     x = reference.x[:60]
     rows = np.arange(60)
     # one rejection round with rows 0..m-1: exactly posterior.sample_batched's draws
-    a = par.sample_rows(posterior, key, x, rows, N_SAMPLES, max_rounds=1, max_rows=MAX_ROWS)
+    a = SMP.sample_rows(posterior, key, x, rows, N_SAMPLES, max_rounds=1, max_rows=MAX_ROWS)
     b = posterior.sample_batched(key, x, N_SAMPLES, max_rounds=1)
     for f in ("s", "theta", "acceptance", "n_accepted", "low_acceptance", "ood"):
         np.testing.assert_array_equal(getattr(a, f), getattr(b, f), err_msg=f)
     # full rejection: a row's draws do not depend on the other rows or the grouping
-    full = par.sample_rows(posterior, key, x, rows, N_SAMPLES, max_rows=MAX_ROWS)
+    full = SMP.sample_rows(posterior, key, x, rows, N_SAMPLES, max_rows=MAX_ROWS)
     assert 0.05 < full.acceptance.mean() < 0.95  # the rejection loop is exercised
     assert np.isfinite(full.s).all(-1).sum() == full.n_accepted.sum()
     perm = np.random.default_rng(0).permutation(60)
-    part = par.sample_rows(posterior, key, x[perm[:25]], rows[perm[:25]], N_SAMPLES,
+    part = SMP.sample_rows(posterior, key, x[perm[:25]], rows[perm[:25]], N_SAMPLES,
                            max_rows=MAX_ROWS)
     np.testing.assert_array_equal(part.s, full.s[perm[:25]])
     np.testing.assert_array_equal(part.acceptance, full.acceptance[perm[:25]])
     inside = full.s[np.isfinite(full.s).all(-1)]
-    from sedflow_jax import prior as P
+    from sedflow_jax.sim import prior as P
 
     assert np.asarray(P.in_support(posterior.prior, inside)).all()
 
@@ -538,6 +583,9 @@ def test_streaming_infer_chunking_and_formats(infer_reference, posterior, catalo
     from astropy.table import Table
 
     from sedflow_jax import parallel as par
+    from sedflow_jax.sbi import sampling as SMP
+    from sedflow_jax.sbi import streaming as ST
+    from sedflow_jax.sim import simulate as SIM
 
     ref, ref_th = infer_reference
     fits_path = tmp_path / "cat.fits"
@@ -547,10 +595,10 @@ def test_streaming_infer_chunking_and_formats(infer_reference, posterior, catalo
     kw = dict(n_samples=N_SAMPLES, key=5, store_samples=True, keep_columns=["objid"],
               progress=False, max_rows=MAX_ROWS)
     out = tmp_path / "fits.h5"
-    r = par.infer_catalog_streaming(posterior, fits_path, out, chunk_rows=128,
+    r = ST.infer_catalog_streaming(posterior, fits_path, out, chunk_rows=128,
                                     _stop_after_chunks=3, **kw)
     assert r.chunks_computed == 3 and not r.complete and not out.exists()
-    r = par.infer_catalog_streaming(posterior, fits_path, out, chunk_rows=128, **kw)
+    r = ST.infer_catalog_streaming(posterior, fits_path, out, chunk_rows=128, **kw)
     assert r.chunks_computed == r.n_chunks - 3 and r.complete and r.finalized
     assert not os.path.exists(r.parts)  # chunk files removed after assembling
     t, th = _summary(out)
@@ -558,12 +606,12 @@ def test_streaming_infer_chunking_and_formats(infer_reference, posterior, catalo
     np.testing.assert_array_equal(th, ref_th)
     assert np.array_equal(Table.read(out, path="summary")["row"], np.arange(len(catalog)))
     # a finished output is not recomputed; another configuration is refused
-    r = par.infer_catalog_streaming(posterior, fits_path, out, chunk_rows=128, **kw)
+    r = ST.infer_catalog_streaming(posterior, fits_path, out, chunk_rows=128, **kw)
     assert r.finalized and r.chunks_computed == 0
     with pytest.raises(ValueError, match="another inference run"):
-        par.infer_catalog_streaming(posterior, fits_path, out, chunk_rows=64, **kw)
+        ST.infer_catalog_streaming(posterior, fits_path, out, chunk_rows=64, **kw)
     out2 = tmp_path / "h5.h5"
-    par.infer_catalog_streaming(posterior, h5_path, out2, chunk_rows=500, **kw)
+    ST.infer_catalog_streaming(posterior, h5_path, out2, chunk_rows=500, **kw)
     t2, th2 = _summary(out2)
     _assert_tables_equal(t2, ref)
     np.testing.assert_array_equal(th2, ref_th)
@@ -574,27 +622,30 @@ def test_streaming_infer_hosts_and_derived(infer_reference, posterior, catalog, 
     """Chunks split over two hosts (run one after the other here) assemble to the same file;
     with a model, derived-property summaries are added (one compilation for all chunks)."""
     from sedflow_jax import parallel as par
+    from sedflow_jax.sbi import sampling as SMP
+    from sedflow_jax.sbi import streaming as ST
+    from sedflow_jax.sim import simulate as SIM
 
     ref, ref_th = infer_reference
     kw = dict(n_samples=N_SAMPLES, key=5, store_samples=True, keep_columns=["objid"],
               progress=False, max_rows=MAX_ROWS, chunk_rows=300)
     out = tmp_path / "hosts.h5"
-    r1 = par.infer_catalog_streaming(posterior, catalog, out, hosts=(1, 2), **kw)
+    r1 = ST.infer_catalog_streaming(posterior, catalog, out, hosts=(1, 2), **kw)
     assert r1.chunks_computed == 2 and not r1.complete and not out.exists()
     assert json.load(open(os.path.join(r1.parts, "progress.host1.json")))["assigned"] == [1, 3]
-    r0 = par.infer_catalog_streaming(posterior, catalog, out, hosts=(0, 2), **kw)
+    r0 = ST.infer_catalog_streaming(posterior, catalog, out, hosts=(0, 2), **kw)
     assert r0.chunks_computed == 2 and r0.complete and r0.finalized
     assert os.path.isdir(r0.parts)  # several hosts: parts kept (another may still read them)
     t, th = _summary(out)
     _assert_tables_equal(t, ref)
     np.testing.assert_array_equal(th, ref_th)
-    par.finalize_inference(out)  # explicit re-assembly, then the parts go
+    ST.finalize_inference(out)  # explicit re-assembly, then the parts go
     assert not os.path.exists(r0.parts)
     _assert_tables_equal(_summary(out)[0], ref)
 
     small = catalog[:90]
     out = tmp_path / "derived.h5"
-    par.infer_catalog_streaming(posterior, small, out, model=model, n_derived=6,
+    ST.infer_catalog_streaming(posterior, small, out, model=model, n_derived=6,
                                 **{**kw, "chunk_rows": 40})
     t, _ = _summary(out)
     _assert_tables_equal(t, ref[:90], cols=ref.colnames)
@@ -608,6 +659,9 @@ def test_streaming_infer_survives_sigkill(procs, posterior):
     """A streaming run SIGKILLed at a random moment; the resumed run equals an uninterrupted
     one: every row once, nothing recomputed that was on disk."""
     from sedflow_jax import parallel as par
+    from sedflow_jax.sbi import sampling as SMP
+    from sedflow_jax.sbi import streaming as ST
+    from sedflow_jax.sim import simulate as SIM
 
     rc, log = procs.wait(procs.kill_worker, 240)
     assert rc == -signal.SIGKILL, f"the worker was not killed (rc={rc}):\n{log[-3000:]}"
@@ -615,7 +669,7 @@ def test_streaming_infer_survives_sigkill(procs, posterior):
     cat_path = os.path.join(procs.root, "kill_cat.fits")
     n_on_disk = len(glob_chunks(out + ".parts"))
     assert n_on_disk >= 2 and not os.path.exists(out)
-    r = par.infer_catalog_streaming(posterior, cat_path, out, **KILL_KW)
+    r = ST.infer_catalog_streaming(posterior, cat_path, out, **KILL_KW)
     assert r.complete and r.finalized and r.chunks_computed == r.n_chunks - n_on_disk
     t, th = _summary(out)
     catalog = _random_catalog()
@@ -624,7 +678,7 @@ def test_streaming_infer_survives_sigkill(procs, posterior):
     assert (np.asarray(t["flag"]) != 0).sum() == 2
     # the same as one uninterrupted run with this key (row-keyed: chunking does not matter)
     x, rows = _usable_x(catalog, posterior)
-    full = par.sample_rows(posterior, 9, x, rows, N_SAMPLES, max_rows=MAX_ROWS)
+    full = SMP.sample_rows(posterior, 9, x, rows, N_SAMPLES, max_rows=MAX_ROWS)
     use = np.asarray(t["flag"]) == 0
     np.testing.assert_array_equal(th[use], full.theta)
     np.testing.assert_array_equal(np.asarray(t["acceptance"])[use], full.acceptance)
@@ -632,11 +686,13 @@ def test_streaming_infer_survives_sigkill(procs, posterior):
 
 
 def _usable_x(catalog, posterior):
-    from sedflow_jax import catalog as C
+    from sedflow_jax.io import catalog as C
+    from sedflow_jax.io import mocks
+    from sedflow_jax.sim import layout
 
     ph = C.read_photometry(catalog, posterior.bands,
                            z_range=(posterior.prior.zmin, posterior.prior.zmax))
-    x = C.to_conditioning(ph.flux, ph.sigma, ph.z)
+    x = layout.to_conditioning(ph.flux, ph.sigma, ph.z)
     use = ph.flag == 0
     return x[use], np.flatnonzero(use)
 
@@ -682,9 +738,12 @@ def test_sharded_sampling_and_inference_equal_single_device(devices_result, post
     import jax
 
     from sedflow_jax import parallel as par
+    from sedflow_jax.sbi import sampling as SMP
+    from sedflow_jax.sbi import streaming as ST
+    from sedflow_jax.sim import simulate as SIM
 
     d = devices_result
-    s = par.sample_rows(posterior, jax.random.key(5), reference.x[:203], np.arange(203),
+    s = SMP.sample_rows(posterior, jax.random.key(5), reference.x[:203], np.arange(203),
                         N_SAMPLES, max_rows=MAX_ROWS)
     np.testing.assert_allclose(d["rows_s"], s.s, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(d["rows_acc"], s.acceptance)
@@ -703,7 +762,9 @@ def test_sharded_sampling_and_inference_equal_single_device(devices_result, post
 # two processes through jax.distributed on loopback
 # ---------------------------------------------------------------------------------------------
 def test_two_processes_jax_distributed(procs, reference, fit_reference):
-    from sedflow_jax import simulation as S
+    from sedflow_jax.sim import simulate as S
+    from sedflow_jax.sim import readers as SR
+    from sedflow_jax.sim import layout
 
     outs = [procs.wait(p, 240) for p in procs.dist]
     rcs = [rc for rc, _ in outs]
@@ -717,7 +778,7 @@ def test_two_processes_jax_distributed(procs, reference, fit_reference):
     assert sorted(i["rows_computed"] for i in infos) == [512, 688]
     assert infos[0]["merged"] and not infos[1]["merged"]
     folder = os.path.join(procs.root, "dist_set")
-    _assert_bitwise(S.load_training_set(folder, keep_only=False), _as_disk(reference))
+    _assert_bitwise(SR.load_training_set(folder, keep_only=False), _as_disk(reference))
     # gradients all-reduced across the two processes == one device
     z = [np.load(os.path.join(procs.root, f"dist{i}.npz")) for i in range(2)]
     np.testing.assert_allclose(z[0]["train_loss"], fit_reference.history["train_loss"],

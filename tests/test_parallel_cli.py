@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from sedflow_jax import cli
+from sedflow_jax.cli import config as cli_config
 
 SIM = ["--n", "512", "--seed", "5", "--filters", "sdss_r", "--block", "64", "--chunk", "128",
        "--quiet"]  # 4 shards of 128 rows
@@ -30,6 +31,7 @@ N_GOOD = 32
 _WORKER = """
 import sys
 from sedflow_jax import cli
+from sedflow_jax.cli import config as cli_config
 root, sim = sys.argv[1], sys.argv[2].split()
 sys.exit(cli.main(["simulate", *sim, "--out", root + "/sim2", "--devices", "2"]))
 """
@@ -42,9 +44,9 @@ def save_tiny_posterior(path):
     """An untrained 1-band (sdss_r) posterior centred in the prior box, saved to ``path``."""
     import jax
 
-    from sedflow_jax import flow as F
-    from sedflow_jax import prior as P
-    from sedflow_jax.posterior import AmortizedPosterior
+    from sedflow_jax.nn import flow as F
+    from sedflow_jax.sim import prior as P
+    from sedflow_jax.sbi.posterior import AmortizedPosterior
 
     prior = P.provabgs_prior()
     lo, hi = (np.asarray(a, np.float64) for a in P.sampling_bounds(prior))
@@ -144,9 +146,11 @@ def sim1(worker, root):  # requesting the worker first: it starts before anythin
 
 
 def _load(folder):
-    from sedflow_jax import simulation as S
+    from sedflow_jax.sim import simulate as S
+    from sedflow_jax.sim import readers as SR
+    from sedflow_jax.sim import layout
 
-    return S.load_training_set(folder, keep_only=False)
+    return SR.load_training_set(folder, keep_only=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,7 +234,9 @@ def test_train_devices_reach_fit(sim1, tmp_path, monkeypatch):
     results equal one-device training: tests/test_parallel.py); --devices 1 means no mesh."""
     import jax
 
-    from sedflow_jax import train as T
+    from sedflow_jax.nn import train as T
+    from sedflow_jax.nn import checkpoint as CK
+    from sedflow_jax.nn import data as TD
 
     seen = []
 
@@ -283,6 +289,9 @@ def test_stream_equals_nonstream_and_finalize(stream_setup, plain, capsys):
     from astropy.table import Table
 
     from sedflow_jax import parallel as par
+    from sedflow_jax.sbi import sampling as SMP
+    from sedflow_jax.sbi import streaming as ST
+    from sedflow_jax.sim import simulate as SIM
 
     d, model, cat = stream_setup
     base = ["infer", "--model", model, "--catalog", cat, *INFER]
@@ -305,9 +314,9 @@ def test_stream_equals_nonstream_and_finalize(stream_setup, plain, capsys):
     with h5py.File(d / "plain_s.h5") as f1, h5py.File(s_out) as f2:
         np.testing.assert_allclose(f2["samples/theta"][...], f1["theta"][...], rtol=1e-6,
                                    atol=1e-6)
-        rec = json.loads(f2.attrs[cli.H5_CONFIG_ATTR])
+        rec = json.loads(f2.attrs[cli_config.H5_CONFIG_ATTR])
     assert rec["command"] == "infer" and rec["stream"] and rec["chunk-rows"] == 12
-    assert json.loads(t.meta[cli.TABLE_CONFIG_KEY])["command"] == "finalize"
+    assert json.loads(t.meta[cli_config.TABLE_CONFIG_KEY])["command"] == "finalize"
     assert t.meta["N_USABLE"] == N_GOOD
     # finalize again: already assembled; refuses an existing table without --overwrite
     assert run(["finalize", s_out, "--out", d / "stream.fits"], capsys)[0] == 2
@@ -317,11 +326,14 @@ def test_stream_equals_nonstream_and_finalize(stream_setup, plain, capsys):
     again = d / "again.h5"
     assert run(["infer", "--config", d / "stream.fits", "--out", again, "--num-processes", 1,
                 "--process-id", 0])[0] == 0
-    assert_tables_match(par.read_inference(again)[0], t, rtol=0)
+    assert_tables_match(ST.read_inference(again)[0], t, rtol=0)
 
 
 def test_stream_resume(stream_setup, plain, capsys):
     from sedflow_jax import parallel as par
+    from sedflow_jax.sbi import sampling as SMP
+    from sedflow_jax.sbi import streaming as ST
+    from sedflow_jax.sim import simulate as SIM
 
     d, model, cat = stream_setup
     out = d / "resume.h5"
@@ -333,7 +345,7 @@ def test_stream_resume(stream_setup, plain, capsys):
     rc, o = run([*st, "--resume"], capsys)
     assert rc == 0 and "2 chunk(s) of 12 rows computed here" in o.out  # chunk 1 was on disk
     assert out.exists() and not os.path.exists(f"{out}.parts")
-    t, _ = par.read_inference(out)
+    t, _ = ST.read_inference(out)
     assert np.array_equal(t["row"], np.arange(N_GOOD))
     assert_tables_match(plain, t)
     rc, o = run([*st, "--resume"], capsys)  # finished: nothing recomputed

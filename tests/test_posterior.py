@@ -3,11 +3,17 @@ import numpy as np
 import pytest
 
 import sedflow_jax as sj
-from sedflow_jax import catalog as C
-from sedflow_jax import flow as F
-from sedflow_jax import prior as P
-from sedflow_jax import train as T
-from sedflow_jax.posterior import AmortizedPosterior, summarize, train_posterior
+from sedflow_jax.io import catalog as C
+from sedflow_jax.io import mocks
+from sedflow_jax.sim import layout
+from sedflow_jax.nn import flow as F
+from sedflow_jax.sim import prior as P
+from sedflow_jax.nn import train as T
+from sedflow_jax.nn import checkpoint as CK
+from sedflow_jax.nn import data as TD
+from sedflow_jax.sbi.posterior import AmortizedPosterior
+from sedflow_jax.sbi.summary import summarize
+from sedflow_jax.sbi.training import train_posterior
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +57,7 @@ def test_posterior_recovers_mass_and_respects_support(trained):
     model = sj.load_model(z_max=0.2)
     cat = sj.mock_catalog(123, 60, model=model)
     ph = C.read_photometry(cat, post.bands)
-    x = C.to_conditioning(ph.flux, ph.sigma, ph.z)
+    x = layout.to_conditioning(ph.flux, ph.sigma, ph.z)
     import jax
 
     s = post.sample_batched(jax.random.key(0), x, 400)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from sedflow_jax import prior as P
+from sedflow_jax.sim import prior as P
 
 N = 200_000
 

@@ -9,10 +9,13 @@ import numpy as np
 import pytest
 from astropy.table import Table
 
-from sedflow_jax import catalog as C
-from sedflow_jax import flow as F
-from sedflow_jax import masking as M
-from sedflow_jax.posterior import AmortizedPosterior
+from sedflow_jax.io import catalog as C
+from sedflow_jax.io import mocks
+from sedflow_jax.sim import layout
+from sedflow_jax.nn import flow as F
+from sedflow_jax.sbi import masks as M
+from sedflow_jax.sbi import inference as INF
+from sedflow_jax.sbi.posterior import AmortizedPosterior
 
 ROOT = Path(__file__).resolve().parents[1]
 CATALOG = ROOT / "examples" / "data" / "sdss_main_10k.fits"
@@ -106,7 +109,7 @@ def test_extinction_correction_in_reader():
     ok = a.mask
     np.testing.assert_allclose(b.flux[ok] / a.flux[ok], 10 ** (0.4 * ext[ok]), rtol=1e-10)
     # magnitudes brighten by exactly A_b; sigma_mag is unchanged
-    xa, xb = C.to_conditioning(a.flux, a.sigma, a.z), C.to_conditioning(b.flux, b.sigma, b.z)
+    xa, xb = layout.to_conditioning(a.flux, a.sigma, a.z), layout.to_conditioning(b.flux, b.sigma, b.z)
     good = ok.all(1)
     np.testing.assert_allclose(xa[good, :5] - xb[good, :5], ext[good], atol=1e-9)
     np.testing.assert_allclose(xa[good, 5:10], xb[good, 5:10], rtol=1e-9)
@@ -145,7 +148,7 @@ def test_infer_catalog_never_fits_bad_rows(example_run, bad_catalog):
     out, _, _ = example_run
     post = AmortizedPosterior.load(out / "work" / "model")
     assert post.mask_aware and post.support is not None
-    res = M.infer_catalog(post, bad_catalog, n_samples=20, derived=False, **KW)
+    res = INF.infer_catalog(post, bad_catalog, n_samples=20, derived=False, **KW)
     t, rep = res.table, res.report
     assert not t["fit"][3] and t["flag"][3] & C.FLAG_TOO_FEW_BANDS
     assert np.isnan(t["logmstar_p50"][3])
@@ -163,8 +166,8 @@ def test_infer_catalog_never_fits_bad_rows(example_run, bad_catalog):
                                post.bands, post.x_lo, post.x_hi,
                                meta={"support": post.meta["support"]})
     with pytest.raises(ValueError, match="mask-aware"):
-        M.infer_catalog(plain, bad_catalog, n_samples=20, derived=False, noise_policy="mask", **KW)
-    rp = M.infer_catalog(plain, bad_catalog, n_samples=20, derived=False, **KW)
+        INF.infer_catalog(plain, bad_catalog, n_samples=20, derived=False, noise_policy="mask", **KW)
+    rp = INF.infer_catalog(plain, bad_catalog, n_samples=20, derived=False, **KW)
     bad_rows = ~C.read_photometry(bad_catalog, SDSS, **KW).mask.all(1)
     assert not np.any(np.asarray(rp.table["fit"])[bad_rows])
     assert rp.report["n_rows_not_fit"] >= bad_rows.sum()
@@ -178,14 +181,14 @@ def test_noise_outside_training_support_is_masked_or_flagged(example_run, bad_ca
     iv[10, 2] *= 1e-8  # r-band sigma 10^4 x larger than the catalog's: no training row like it
     iv[11, :] *= 1e-8  # every band: nothing left to fit from
     t["MODELFLUX_IVAR"] = iv
-    res = M.infer_catalog(post, t, n_samples=20, derived=False, noise_policy="mask", **KW)
+    res = INF.infer_catalog(post, t, n_samples=20, derived=False, noise_policy="mask", **KW)
     bf = np.asarray(res.table["band_flag_sdss_r"])
     assert bf[10] & C.BAND_NOISE_OOS and res.table["fit"][10]
     assert res.table["n_bands_used"][10] == 4
     assert not res.table["fit"][11] and res.table["flag"][11] & C.FLAG_TOO_FEW_BANDS
-    rf = M.infer_catalog(post, t, n_samples=20, derived=False, noise_policy="flag", **KW)
+    rf = INF.infer_catalog(post, t, n_samples=20, derived=False, noise_policy="flag", **KW)
     assert not rf.table["fit"][10] and rf.table["flag"][10] & C.FLAG_NOISE_OOS
     assert rf.report["row_flag_counts"]["outside training support"] >= 2
-    ro = M.infer_catalog(post, t, n_samples=20, derived=False, noise_policy="ood", **KW)
+    ro = INF.infer_catalog(post, t, n_samples=20, derived=False, noise_policy="ood", **KW)
     assert ro.table["fit"][10] and ro.table["ood"][10] and ro.table["n_bands_used"][10] == 5
-    assert M.noise_ood_rows(ro.photometry)[10] and not ro.table["flag"][10]
+    assert INF.noise_ood_rows(ro.photometry)[10] and not ro.table["flag"][10]

@@ -15,9 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sedflow_jax import noise as N
-from sedflow_jax import prior as P
-from sedflow_jax import simulation as S
+from sedflow_jax.sim import noise as N
+from sedflow_jax.sim import prior as P
+from sedflow_jax.sim import simulate as S
+from sedflow_jax.sim import readers as SR
+from sedflow_jax.sim import layout
 
 BLOCK = 256
 N_ROWS = 2000  # 8 blocks (last one partial: 2000 = 7*256 + 208)
@@ -27,7 +29,7 @@ ARRAYS = ("theta", "theta12", "x", "z", "keep", "flags")
 
 @pytest.fixture(scope="module")
 def model():
-    from sedflow_jax.model import load_model
+    from sedflow_jax.sed.model import load_model
 
     return load_model(z_max=0.2)
 
@@ -65,7 +67,7 @@ def test_bit_identical_for_any_chunk(model, reference, tmp_path):
     assert r.theta is None and r.out == str(tmp_path / "a")
     assert r.manifest["layout"]["rows_per_shard"] == 768  # rounded up to whole blocks
     assert len(r.manifest["shards"]) == 3
-    _assert_same(S.load_training_set(r.out, keep_only=False), ref)
+    _assert_same(SR.load_training_set(r.out, keep_only=False), ref)
 
 
 def test_prefix_stable_and_seed_dependent(model, reference):
@@ -87,8 +89,8 @@ def test_kill_and_resume_is_bit_identical(model, reference, tmp_path):
     m1 = S.read_manifest(out)
     assert not m1["complete"] and len(m1["shards"]) == 1 and m1["n_rows_done"] == 512
     with pytest.raises(ValueError, match="incomplete"):
-        S.load_training_set(out)
-    part = S.load_training_set(out, keep_only=False, allow_incomplete=True)
+        SR.load_training_set(out)
+    part = SR.load_training_set(out, keep_only=False, allow_incomplete=True)
     assert part["keep"].shape == (512,)
 
     # a second crash mid-way, then a leftover temporary file as a kill during a write leaves
@@ -101,7 +103,7 @@ def test_kill_and_resume_is_bit_identical(model, reference, tmp_path):
                     progress=False)
     assert r3.complete and r3.timings["rows_computed"] == N_ROWS - 1024
     assert not (out / "shard_00002.npz.tmp-12345").exists()
-    got = S.load_training_set(out, keep_only=False)
+    got = SR.load_training_set(out, keep_only=False)
     _assert_same(got, _as_disk(reference))
     for k in ("flux", "sigma", "flux_model"):
         assert np.array_equal(got[k], getattr(reference, k), equal_nan=True)
@@ -125,12 +127,12 @@ def test_resume_repairs_deleted_and_corrupt_shards(model, reference, tmp_path):
         fh.seek(-20, 2)
         fh.write(bytes([b[0] ^ 0xFF]))
     with pytest.raises(ValueError, match="sha256"):
-        S.load_training_set(out)
+        SR.load_training_set(out)
     # a resume with another chunk keeps the folder's layout (and says so)
     with pytest.warns(UserWarning, match="shard size"):
         r = S.simulate(7, N_ROWS, model, block=BLOCK, chunk=2000, out=out, progress=False)
     assert r.timings["rows_computed"] == 512 + (N_ROWS - 3 * 512)
-    _assert_same(S.load_training_set(out, keep_only=False), _as_disk(reference))
+    _assert_same(SR.load_training_set(out, keep_only=False), _as_disk(reference))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,7 +152,7 @@ def test_different_config_refused_and_overwrite(model, tmp_path):
     m = S.read_manifest(out)
     assert m["seed"] == 2 and m["n"] == 600 and m["complete"]
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shard_00000.npz"]
-    assert S.load_training_set(out, keep_only=False)["keep"].shape == (600,)
+    assert SR.load_training_set(out, keep_only=False)["keep"].shape == (600,)
     assert r.n_requested == 600
 
 
@@ -313,7 +315,7 @@ def test_manifest_contents(model, tmp_path):
     assert cfg["model_config"]["z_max"] == 0.2
     assert m["theta_names"] == list(P.SAMPLING_NAMES)
     assert m["theta12_names"] == list(P.PARAM_NAMES)
-    assert m["x_names"] == list(S.x_names(model.filter_names))
+    assert m["x_names"] == list(layout.x_names(model.filter_names))
     assert m["x_names"][0] == "mag_sdss_u" and m["x_names"][5] == "sigma_mag_sdss_u"
     assert m["x_names"][-1] == "z"
     # shards: contiguous row ranges, sha256 of the files, counts adding up
@@ -338,15 +340,15 @@ def test_manifest_contents(model, tmp_path):
 def test_readers_and_dataset(model, tmp_path):
     out = tmp_path / "run"
     r = S.simulate(5, 1500, model, block=BLOCK, chunk=512, out=out, progress=False)
-    full = S.load_training_set(out, keep_only=False)
-    kept = S.load_training_set(out)
+    full = SR.load_training_set(out, keep_only=False)
+    kept = SR.load_training_set(out)
     assert kept["theta"].shape == (r.n_kept, 11) and np.all(kept["keep"])
     assert np.array_equal(kept["row"], np.flatnonzero(full["keep"]))
     assert np.all(np.isfinite(kept["x"]))
-    parts = list(S.iter_shards(out))
+    parts = list(SR.iter_shards(out))
     assert [p["keep"].shape[0] for p in parts] == [512, 512, 476]
 
-    ds = S.ShardDataset(out, buffer_shards=2)
+    ds = SR.ShardDataset(out, buffer_shards=2)
     assert len(ds) == ds.n == r.n_kept and (ds.d_theta, ds.d_context) == (11, 11)
     rows = np.ones(ds.n, bool)
     t, x = map(np.concatenate, zip(*ds.iter_batches(None, 100, rows)))
@@ -358,6 +360,6 @@ def test_readers_and_dataset(model, tmp_path):
     order = np.lexsort(kept["theta"][sel].T)
     assert np.array_equal(t2[np.lexsort(t2.T)], kept["theta"][sel][order])
 
-    from sedflow_jax.train import DataSource  # the trainer's protocol, duck-typed
+    from sedflow_jax.nn.data import DataSource  # the trainer's protocol, duck-typed
 
     assert isinstance(ds, DataSource)

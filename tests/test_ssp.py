@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import sedflow_jax as sj
-from sedflow_jax import ssp
+from sedflow_jax.sed import ssp
 
 FSPS_SAMPLE = Path(__file__).parent / "data" / "fsps_miles_chabrier_7z24age_dsps_format.h5"
 
@@ -96,7 +96,7 @@ def test_dsps_loader_units_and_physics():
 
 def test_fsps_vs_bc03_old_population_colours():
     """An old (9 Gyr), solar SSP has similar optical colours in FSPS/MILES and BC03/MILES."""
-    from sedflow_jax import sfh
+    from sedflow_jax.sed import sfh
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

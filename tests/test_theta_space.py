@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 
 import sedflow_jax as sj
-from sedflow_jax import flow as F
-from sedflow_jax import prior as P
-from sedflow_jax import train as T
-from sedflow_jax.posterior import (AmortizedPosterior, box_to_logit, logit_to_box,
-                                   train_posterior)
+from sedflow_jax.nn import flow as F
+from sedflow_jax.sim import prior as P
+from sedflow_jax.nn import train as T
+from sedflow_jax.nn import checkpoint as CK
+from sedflow_jax.nn import data as TD
+from sedflow_jax.sbi.posterior import (AmortizedPosterior, box_to_logit, logit_to_box)
+from sedflow_jax.sbi.training import train_posterior
 
 BANDS = ("sdss_u", "sdss_g", "sdss_r", "sdss_i", "sdss_z")
 

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from sedflow_jax import flow as F
-from sedflow_jax import train as T
+from sedflow_jax.nn import flow as F
+from sedflow_jax.nn import train as T
+from sedflow_jax.nn import checkpoint as CK
+from sedflow_jax.nn import data as TD
 
 A = np.array([[1.0, 0.6], [-0.4, 0.9], [0.3, 0.2]], np.float32)  # x = A theta + noise
 SIGMA = 0.5
@@ -116,7 +118,7 @@ def test_checkpoint_roundtrip_identical_log_prob(tmp_path):
         d = tmp_path / f"ck_bn{bn}"
         tcfg = T.TrainConfig(batch_size=64, max_epochs=2, progress=False, checkpoint_dir=str(d))
         res = T.fit(0, tcfg, fcfg.replace(batch_norm=bn), (theta, x))
-        loaded = T.load_flow(d)
+        loaded = CK.load_flow(d)
         assert loaded.config == res.flow.config and loaded.permutations == res.flow.permutations
         np.testing.assert_array_equal(np.asarray(F.log_prob(loaded, theta[:50], x[:50])),
                                       np.asarray(F.log_prob(res.flow, theta[:50], x[:50])))
@@ -132,8 +134,8 @@ def test_checkpoint_roundtrip_identical_log_prob(tmp_path):
     assert meta["flow_config"]["d_theta"] == 2 and "jax" in meta["versions"]
     assert len(meta["zscore"]["theta_mean"]) == 2 and meta["epoch"] == 2
     # a bare save (no optimizer state) loads too
-    T.save_checkpoint(tmp_path / "bare", res.flow)
-    np.testing.assert_array_equal(np.asarray(F.log_prob(T.load_flow(tmp_path / "bare"),
+    CK.save_checkpoint(tmp_path / "bare", res.flow)
+    np.testing.assert_array_equal(np.asarray(F.log_prob(CK.load_flow(tmp_path / "bare"),
                                                          theta[:5], x[:5])),
                                   np.asarray(F.log_prob(res.flow, theta[:5], x[:5])))
 
@@ -144,12 +146,12 @@ def test_corrupt_or_incompatible_checkpoint_errors(tmp_path):
     T.fit(0, T.TrainConfig(batch_size=64, max_epochs=1, progress=False, checkpoint_dir=str(d)),
           fcfg, (theta, x))
     with pytest.raises(ValueError, match="d_theta"):
-        T.load_flow(d, config=fcfg.replace(d_theta=3))
+        CK.load_flow(d, config=fcfg.replace(d_theta=3))
     with pytest.raises(ValueError, match="d_theta"):
         T.fit(0, T.TrainConfig(max_epochs=2, progress=False), fcfg.replace(d_theta=3),
               (np.zeros((50, 3), np.float32), x[:50]), resume_from=d)
     with pytest.raises(ValueError, match="no checkpoint"):
-        T.load_flow(tmp_path / "nowhere")
+        CK.load_flow(tmp_path / "nowhere")
     meta = json.loads((d / "checkpoint.json").read_text())
     flow_file = d / meta["files"]["flow"]
     good = flow_file.read_bytes()
@@ -157,24 +159,24 @@ def test_corrupt_or_incompatible_checkpoint_errors(tmp_path):
     # truncated weights file
     flow_file.write_bytes(good[: len(good) // 2])
     with pytest.raises(ValueError, match="corrupt or truncated"):
-        T.load_flow(d)
+        CK.load_flow(d)
     # truncated file whose hash is "right" (e.g. a hand-edited json): msgpack itself fails
     meta2 = dict(meta, sha256=dict(meta["sha256"], flow=None))
     (d / "checkpoint.json").write_text(json.dumps(meta2))
     with pytest.raises(ValueError, match="corrupt or truncated"):
-        T.load_flow(d)
+        CK.load_flow(d)
     flow_file.write_bytes(good)
     # json edited to another architecture: the stored arrays no longer fit
     meta3 = dict(meta2, flow_config=dict(meta["flow_config"], hidden=32))
     (d / "checkpoint.json").write_text(json.dumps(meta3))
     with pytest.raises(ValueError, match="shape"):
-        T.load_flow(d)
+        CK.load_flow(d)
     # truncated json
     (d / "checkpoint.json").write_text(json.dumps(meta)[:100])
     with pytest.raises(ValueError, match="corrupt or truncated"):
-        T.load_flow(d)
+        CK.load_flow(d)
     (d / "checkpoint.json").write_text(json.dumps(meta))
-    assert T.load_flow(d).config == fcfg
+    assert CK.load_flow(d).config == fcfg
 
 
 def _write_shards(tmp_path, theta, x, sizes):
@@ -189,7 +191,7 @@ def _write_shards(tmp_path, theta, x, sizes):
 
 def test_npz_shards_stream_every_row_once_and_stats(tmp_path):
     theta, x = _linear_gaussian(1000, seed=9)
-    src = T.NpzShards(_write_shards(tmp_path, theta, x, [300, 450, 250]), buffer_shards=2)
+    src = TD.NpzShards(_write_shards(tmp_path, theta, x, [300, 450, 250]), buffer_shards=2)
     assert len(src) == 1000 and (src.d_theta, src.d_context) == (2, 3)
     rows = T._split_mask(1000, 0.1, 0) == False  # noqa: E712 (training rows)
     seen = []
@@ -201,21 +203,21 @@ def test_npz_shards_stream_every_row_once_and_stats(tmp_path):
     assert seen.shape[0] == rows.sum()
     key = lambda a: np.lexsort(a.T)  # noqa: E731
     np.testing.assert_array_equal(seen[key(seen)], theta[rows][key(theta[rows])])
-    st = T.streaming_stats(src, rows, chunk=97)
+    st = TD.streaming_stats(src, rows, chunk=97)
     ref = F.compute_stats(theta[rows], x[rows])
     for a, b in zip(st, ref):
         np.testing.assert_allclose(a, b, rtol=1e-5)
     with pytest.raises(ValueError, match="theta"):
         bad = tmp_path / "bad.npz"
         np.savez(bad, foo=np.zeros(3))
-        T.NpzShards([bad])
+        TD.NpzShards([bad])
 
 
 def test_resume_equals_uninterrupted(tmp_path):
     """6 epochs straight == 3 epochs, 'kill', resume for 3 more: identical losses and weights.
     Uses the streaming shard source."""
     theta, x, fcfg = _small_problem(n=900)
-    src = T.NpzShards(_write_shards(tmp_path, theta, x, [400, 300, 200]))
+    src = TD.NpzShards(_write_shards(tmp_path, theta, x, [400, 300, 200]))
     base = T.TrainConfig(batch_size=64, patience=50, progress=False)
     full = T.fit(11, base.replace(max_epochs=6, checkpoint_dir=str(tmp_path / "a")), fcfg, src)
     ck_b = str(tmp_path / "b")
@@ -230,8 +232,8 @@ def test_resume_equals_uninterrupted(tmp_path):
     la, lb = (jax.tree_util.tree_leaves(T.nnx.state(r.flow)) for r in (full, resumed))
     for a, b in zip(la, lb):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    ca = T.load_checkpoint(tmp_path / "a")
-    cb = T.load_checkpoint(ck_b)
+    ca = CK.load_checkpoint(tmp_path / "a")
+    cb = CK.load_checkpoint(ck_b)
     for a, b in zip(jax.tree_util.tree_leaves(T.nnx.state(ca["current_flow"])),
                     jax.tree_util.tree_leaves(T.nnx.state(cb["current_flow"]))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

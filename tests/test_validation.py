@@ -4,9 +4,11 @@ import json
 import numpy as np
 
 import sedflow_jax as sj
-from sedflow_jax import flow as F
-from sedflow_jax import train as T
-from sedflow_jax.validation import validate_posterior
+from sedflow_jax.nn import flow as F
+from sedflow_jax.nn import train as T
+from sedflow_jax.nn import checkpoint as CK
+from sedflow_jax.nn import data as TD
+from sedflow_jax.eval.validation import validate_posterior
 
 
 def test_validate_writes_figures_and_summary(tmp_path):

@@ -161,6 +161,11 @@ class FlowConfig:
         kw.update(overrides)
         return cls(d_theta=d_theta, d_context=d_context, seed=seed, **kw)
 
+    def differences(self, other: "FlowConfig", mine: str = "this", theirs: str = "other") -> list:
+        """Human-readable fields where ``other`` differs: ``'hidden: this 64 vs other 128'``."""
+        da, db = self.to_dict(), other.to_dict()
+        return [f"{k}: {mine} {da[k]!r} vs {theirs} {db.get(k)!r}" for k in da if da[k] != db.get(k)]
+
     # serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -538,7 +538,7 @@ def plot_sed_fit(model, theta_samples, z, flux, sigma, path=None, *, best=None,
     """
     import matplotlib.pyplot as plt
 
-    from .photometry import AB_FNU_CGS, C_ANGSTROM_S
+    from ..sed.units import AB_FNU_CGS, C_ANGSTROM_S
 
     th = np.asarray(theta_samples, np.float64)
     if th.ndim == 1:

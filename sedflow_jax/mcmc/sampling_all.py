@@ -54,7 +54,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import prior as P
+from ..io import catalog as C
+from ..sed.model import load_model
+from ..sim import prior as P
 
 __all__ = [
     "Target",
@@ -81,6 +83,7 @@ __all__ = [
     "set_cpu_devices",
     "default_num_chains",
     "default_chain_method",
+    "clear_caches",
 ]
 
 SAMPLERS = ("nuts", "ess", "aies")
@@ -1314,8 +1317,6 @@ def _catalog_arrays(catalog, bands, flux_fmt, ivar_fmt, z_col, id_col):
             raise ValueError("an array catalog needs 'flux' and 'sigma' (or 'ivar')")
         ids = catalog.get("id")
         return flux, sigma, np.atleast_1d(np.asarray(catalog["z"], np.float64)), ids
-    from . import catalog as C
-
     t = C.read_table(catalog)
     ph = C.read_photometry(t, bands, flux_fmt=flux_fmt, ivar_fmt=ivar_fmt, z_col=z_col)
     ids = np.asarray(t[id_col]) if id_col is not None and id_col in t.colnames else None
@@ -1340,9 +1341,7 @@ def _default_z_max(catalog, z_col):
     elif isinstance(catalog, dict):
         z = np.asarray(catalog["z"], np.float64)
     else:
-        from . import catalog as C
-
-        z = np.asarray(C.read_table(catalog)[z_col], np.float64)
+            z = np.asarray(C.read_table(catalog)[z_col], np.float64)
     z = z[np.isfinite(z)]
     return float(min(1.0, max(0.2, z.max() if z.size else 0.2)))
 
@@ -1418,15 +1417,11 @@ def run_mcmc_catalog(catalog, rows=None, sampler: str = "nuts", out_dir=None, *,
     ``rhat_*`` / ``ess_bulk_*`` / ``ess_tail_*``, and ``<param>_p16/p50/p84`` for the 11
     sampling coordinates and 12 parameters); with ``return_results`` also a dict row -> result.
     """
-    from .model import load_model
-
     sampler = sampler.lower()
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     if not isinstance(catalog, (tuple, list, dict)):
-        from . import catalog as C
-
-        catalog = C.read_table(catalog)
+            catalog = C.read_table(catalog)
     if model is None:
         model = load_model(z_max=_default_z_max(catalog, z_col))
     bands = tuple(model.filter_names)
@@ -1532,3 +1527,9 @@ def run_mcmc_catalog(catalog, rows=None, sampler: str = "nuts", out_dir=None, *,
     if out is not None:
         _write_summary(out, summary_rows)
     return (table, results) if return_results else table
+
+
+def clear_caches() -> None:
+    """Forget the compiled samplers and log-density helpers kept for reuse (frees memory)."""
+    _MCMC_CACHE.clear()
+    _COMPILED.clear()

@@ -32,11 +32,7 @@ import numpy as np
 
 from . import cosmology, dust, photometry, sfh, ssp
 
-PARAM_NAMES = (
-    "logmstar", "beta1", "beta2", "beta3", "beta4", "fburst", "tburst",
-    "gamma1", "gamma2", "tau_bc", "tau_ism", "n_dust",
-)
-N_PARAMS = 12
+from .params import N_PARAMS, PARAM_NAMES
 
 
 class ModelInputError(ValueError):

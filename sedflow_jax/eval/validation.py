@@ -15,9 +15,13 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from . import catalog as C
+from ..io import catalog as C
+from ..io.mocks import mock_catalog, mock_truths
+from ..sed.model import load_model
+from ..sed.params import SAMPLING_NAMES
+from ..sim.layout import to_conditioning
+from ..util import as_key
 from . import diagnostics as D
-from . import prior as P
 
 
 class ValidationResult(NamedTuple):
@@ -40,19 +44,16 @@ def validate_posterior(posterior, key, n_test: int = 1000, n_samples: int = 500,
     A parameter "passes" when its chi-square and KS uniformity p-values are both >= ``alpha``.
     ``catalog``: optionally a mock catalog (with truths) to use instead of drawing one.
     """
-    import sedflow_jax as sj
-
-    key = jax.random.key(key) if isinstance(key, (int, np.integer)) else key
+    key = as_key(key)
     k_cat, k_post = jax.random.split(key)
     if model is None:
-        model = sj.load_model(filters=list(posterior.bands), z_max=posterior.prior.zmax)
+        model = load_model(filters=list(posterior.bands), z_max=posterior.prior.zmax)
     t0 = time.perf_counter()
-    cat = catalog if catalog is not None else C.mock_catalog(
+    cat = catalog if catalog is not None else mock_catalog(
         k_cat, n_test, model=model, prior=posterior.prior)
     ph = C.read_photometry(cat, posterior.bands)
-    x = C.to_conditioning(ph.flux, ph.sigma, ph.z)
-    truth12 = np.column_stack([np.asarray(cat[name], float) for name in P.PARAM_NAMES])
-    truth = np.asarray(P.to_sampling(truth12.astype(np.float32)))
+    x = to_conditioning(ph.flux, ph.sigma, ph.z)
+    _, truth = mock_truths(cat)
     t1 = time.perf_counter()
     s = posterior.sample_batched(k_post, x, n_samples)
     t_sample = time.perf_counter() - t1
@@ -60,7 +61,7 @@ def validate_posterior(posterior, key, n_test: int = 1000, n_samples: int = 500,
     ranks = D.sbc_ranks(truth[full], s.s[full])
     sbc = D.sbc_uniformity(ranks, n_samples)
     levels, cov = D.coverage(truth[full], s.s[full])
-    names = list(P.SAMPLING_NAMES)
+    names = list(SAMPLING_NAMES)
     passed = (np.asarray(sbc["chi2_pvalue"]) >= alpha) & (np.asarray(sbc["ks_pvalue"]) >= alpha)
     summary = {
         "n_test": int(len(cat)), "n_samples": int(n_samples), "n_used": int(full.sum()),

@@ -58,7 +58,7 @@ __all__ = [
     "DEFAULT_TABLES",
 ]
 
-_MAG_PER_LN = 2.5 / math.log(10.0)  # 1.0857...: sigma_mag = _MAG_PER_LN * sigma_f / f
+from ..sed.units import MAG_PER_LN
 _FORMAT = "sedflow_jax.noise_model"
 _VERSION = 1
 _PAD_STEP = 1.0  # dex between padded (dummy) bin centres; values there repeat the last bin
@@ -76,12 +76,12 @@ _SDSS_BANDS = DEFAULT_TABLES["noise_sdss_ugriz.json"]
 # ---------------------------------------------------------------------------------------------
 def sigma_flux_to_mag(sigma_f, flux):
     """sigma in flux units -> magnitudes: ``2.5/ln10 * sigma_f / flux`` (same shapes)."""
-    return _MAG_PER_LN * sigma_f / flux
+    return MAG_PER_LN * sigma_f / flux
 
 
 def sigma_mag_to_flux(sigma_mag, flux):
     """sigma in magnitudes -> flux units: ``sigma_mag * flux * ln10 / 2.5`` (same shapes)."""
-    return sigma_mag * flux / _MAG_PER_LN
+    return sigma_mag * flux / MAG_PER_LN
 
 
 # ---------------------------------------------------------------------------------------------
@@ -498,7 +498,7 @@ def catalog_sigma_mag(table, flux_cols, ivar_cols=None, bands=None, *, err_cols=
         if skipped:
             warnings.warn(f"fit_noise_model: band {b}: skipped {skipped} of {int(rows.sum())} rows "
                           "(NaN/inf, flux <= 0 or ivar/err <= 0)", stacklevel=3)
-        data[b] = (f[good, i], _MAG_PER_LN * sig[good, i] / f[good, i])
+        data[b] = (f[good, i], MAG_PER_LN * sig[good, i] / f[good, i])
     report["bands"] = per
     return data, report
 

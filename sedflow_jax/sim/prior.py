@@ -66,16 +66,7 @@ __all__ = [
     "log_abs_det_jacobian_to_sampling",
 ]
 
-PARAM_NAMES = (
-    "logmstar", "beta1", "beta2", "beta3", "beta4", "fburst", "tburst",
-    "gamma1", "gamma2", "tau_bc", "tau_ism", "n_dust",
-)
-SAMPLING_NAMES = (
-    "logmstar", "u1", "u2", "u3", "fburst", "tburst",
-    "log10_gamma1", "log10_gamma2", "tau_bc", "tau_ism", "n_dust",
-)
-N_PARAMS = len(PARAM_NAMES)  # 12
-N_SAMPLING = len(SAMPLING_NAMES)  # 11
+from ..sed.params import N_PARAMS, N_SAMPLING, PARAM_NAMES, SAMPLING_NAMES
 
 _LN10 = math.log(10.0)
 _BETA_MODES = ("uniform", "dirichlet")

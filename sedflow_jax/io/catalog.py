@@ -14,7 +14,6 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-MAG_PER_LN = 2.5 / np.log(10.0)
 
 FLAG_NONFINITE = 1  # NaN / inf flux, ivar or z
 FLAG_NONPOSITIVE_FLUX = 2  # flux <= 0: no magnitude
@@ -258,95 +257,3 @@ def read_photometry(table, bands: Sequence[str], *, flux_fmt="flux_{band}",
     return Photometry(flux, sigma, z, flag, counts, bands, mask, bf, band_counts)
 
 
-def to_conditioning(flux, sigma, z):
-    """SEDflow's x = [mag_b..., sigma_mag_b..., z] (n, 2 n_bands + 1); NaN where flux <= 0."""
-    flux = np.asarray(flux, float)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        mag = np.where(flux > 0, 22.5 - 2.5 * np.log10(np.where(flux > 0, flux, 1.0)), np.nan)
-        smag = np.where(flux > 0, MAG_PER_LN * np.asarray(sigma, float) / flux, np.nan)
-    return np.column_stack([mag, smag, np.asarray(z, float)])
-
-
-def x_names(bands: Sequence[str]):
-    return tuple(f"mag_{b}" for b in bands) + tuple(f"sigma_mag_{b}" for b in bands) + ("z",)
-
-
-def mock_catalog(key, n: int, *, model=None, prior=None, noise=None, max_tries: int = 10):
-    """An astropy Table of ``n`` mock galaxies drawn from the prior, with known truths.
-
-    Columns: the 12 true parameters (``logmstar``, ``beta1``, ... as in
-    :data:`sedflow_jax.model.PARAM_NAMES`), ``z``, noisy ``flux_<band>`` and ``flux_ivar_<band>``
-    [nanomaggies, nanomaggies^-2] (the layout ``infer`` reads), and the noiseless
-    ``flux_model_<band>``. Rows failing the noise model's cuts are redrawn (the training set's
-    keep rule), so every row is a usable galaxy. ``key``: int seed or jax key.
-    """
-    from astropy.table import Table
-
-    from . import simulation as S
-    from .model import PARAM_NAMES
-
-    got, tries = [], 0
-    need = int(n)
-    if need <= 0:
-        raise ValueError(f"n must be > 0, got {n}")
-    import jax
-
-    base = jax.random.key(key) if isinstance(key, (int, np.integer)) else key
-    while need > 0 and tries < max_tries:
-        r = S.simulate(jax.random.fold_in(base, tries), int(need * 1.3) + 16, model, prior, noise,
-                       include_flux=True, progress=False)
-        k = np.asarray(r.keep)
-        got.append({a: np.asarray(getattr(r, a))[k] for a in
-                    ("theta", "z", "flux", "sigma", "flux_model")})
-        need -= int(k.sum())
-        tries += 1
-        bands = tuple(r.manifest["bands"])
-    cat = {a: np.concatenate([g[a] for g in got])[:n] for a in got[0]}
-    if len(cat["z"]) < n:
-        raise RuntimeError(f"only {len(cat['z'])} of {n} mock rows passed the noise cuts")
-    t = Table()
-    for i, name in enumerate(PARAM_NAMES):
-        t[name] = cat["theta"][:, i]
-    t["z"] = cat["z"]
-    for j, b in enumerate(bands):
-        t[f"flux_{b}"] = cat["flux"][:, j]
-        t[f"flux_{b}"].unit = "nanomaggy"
-        t[f"flux_ivar_{b}"] = 1.0 / cat["sigma"][:, j] ** 2
-        t[f"flux_model_{b}"] = cat["flux_model"][:, j]
-        t[f"flux_model_{b}"].unit = "nanomaggy"
-    t.meta["bands"] = list(bands)
-    t.meta["origin"] = "sedflow_jax.mock_catalog (prior draws + noise model)"
-    return t
-
-
-class MockGalaxy(NamedTuple):
-    """One mock galaxy at a fixed redshift: the truth and its noisy photometry."""
-
-    s: np.ndarray  # (11,) true parameters in the sampling space
-    theta: np.ndarray  # (12,) true PROVABGS parameters
-    flux: np.ndarray  # (n_bands,) noisy fluxes [nanomaggies], float64
-    sigma: np.ndarray  # (n_bands,) their 1-sigma errors [nanomaggies], float64
-
-
-def mock_galaxy(model, z: float, key_theta, key_noise, *, prior=None, noise=None) -> MockGalaxy:
-    """A single mock galaxy: s ~ ``prior`` (default PROVABGS) drawn with ``key_theta``, the
-    model's photometry at redshift ``z``, noise from ``noise`` (default: the package's noise
-    model for ``model.filter_names``) drawn with ``key_noise``. Unlike :func:`mock_catalog`
-    nothing is redrawn: the noise model's cuts are not applied (MCMC fits any such galaxy).
-    Keys: jax PRNG keys or int seeds."""
-    import jax
-    import jax.numpy as jnp
-
-    from . import noise as N
-    from . import prior as P
-
-    def as_key(k):
-        return jax.random.key(k) if isinstance(k, (int, np.integer)) else k
-
-    prior = prior or P.provabgs_prior()
-    noise = noise or N.default_noise_model(model.filter_names)
-    s = np.asarray(P.sample_sampling(as_key(key_theta), prior, 1))[0]
-    theta = np.asarray(P.from_sampling(jnp.asarray(s)))
-    noisy = N.add_noise(as_key(key_noise), noise, model.photometry(theta, z))
-    return MockGalaxy(s, theta, np.asarray(noisy.flux, np.float64),
-                      np.asarray(noisy.sigma, np.float64))

@@ -24,43 +24,21 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
 import math
 import os
-import platform
-import tempfile
 import time
-import uuid
-import zipfile
-from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from flax import serialization
 
-from .batching import buffered_batches
-from .flow import Flow, FlowConfig, ZScoreStats, init_flow
+from .checkpoint import CHECKPOINT_JSON, load_checkpoint, save_checkpoint, unflatten_like
+from .data import as_source, streaming_stats
+from .flow import Flow, FlowConfig, init_flow
 
-__all__ = [
-    "TrainConfig",
-    "TrainResult",
-    "fit",
-    "DataSource",
-    "ArrayData",
-    "NpzShards",
-    "streaming_stats",
-    "save_checkpoint",
-    "load_checkpoint",
-    "load_flow",
-    "plot_loss",
-]
-
-CHECKPOINT_FORMAT = "sedflow_jax.checkpoint/1"
-_JSON_NAME = "checkpoint.json"
+__all__ = ["TrainConfig", "TrainResult", "fit", "plot_loss"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,362 +129,11 @@ class TrainResult:
 # ----------------------------------------------------------------------------------------------
 # data sources
 # ----------------------------------------------------------------------------------------------
-@runtime_checkable
-class DataSource(Protocol):
-    """What :func:`fit` needs from a data set of ``n`` rows (theta, x).
-
-    ``iter_batches(rng, batch_size, rows)`` yields ``(theta, x)`` float32 numpy batches of the
-    rows where the boolean mask ``rows`` (shape (n,)) is True: shuffled with the
-    ``np.random.Generator`` ``rng``, or in storage order when ``rng`` is None.  Every batch but
-    the last of a pass has exactly ``batch_size`` rows.
-    """
-
-    n: int
-    d_theta: int
-    d_context: int
-
-    def __len__(self) -> int: ...
-
-    def iter_batches(self, rng: np.random.Generator | None, batch_size: int,
-                     rows: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...
-
-
-class ArrayData:
-    """In-memory :class:`DataSource` over arrays theta (n, d_theta) and x (n, d_context)."""
-
-    def __init__(self, theta, x):
-        theta = np.asarray(theta, np.float32)
-        x = np.asarray(x, np.float32)
-        if theta.ndim != 2 or x.ndim != 2 or theta.shape[0] != x.shape[0]:
-            raise ValueError(f"need theta (n, d_theta) and x (n, d_context) with equal n; got "
-                             f"{theta.shape} and {x.shape}")
-        if not (np.all(np.isfinite(theta)) and np.all(np.isfinite(x))):
-            raise ValueError("theta and x must be finite (drop or fix non-finite rows first)")
-        self.theta, self.x = theta, x
-        self.n, self.d_theta, self.d_context = theta.shape[0], theta.shape[1], x.shape[1]
-
-    def __len__(self):
-        return self.n
-
-    def iter_batches(self, rng, batch_size, rows):
-        idx = np.flatnonzero(rows)
-        if rng is not None:
-            idx = idx[rng.permutation(idx.size)]
-        for s in range(0, idx.size, batch_size):
-            b = idx[s:s + batch_size]
-            yield self.theta[b], self.x[b]
-
-
-def _npz_member_shape(path: str, name: str) -> tuple[int, ...]:
-    """Shape of array ``name`` inside an .npz without loading it."""
-    with zipfile.ZipFile(path) as zf:
-        with zf.open(name + ".npy") as f:
-            version = np.lib.format.read_magic(f)
-            if version == (1, 0):
-                shape, _, _ = np.lib.format.read_array_header_1_0(f)
-            else:
-                shape, _, _ = np.lib.format.read_array_header_2_0(f)
-    return tuple(shape)
-
-
-class NpzShards:
-    """Streaming :class:`DataSource` over ``.npz`` files each holding ``theta`` and ``x``.
-
-    Only row counts are read up front (from the .npy headers).  A shuffled pass visits the shards
-    in random order, ``buffer_shards`` at a time, shuffles the selected rows of the buffer and
-    yields full batches (leftover rows carry over to the next buffer), so at most about
-    ``buffer_shards`` shards are in memory.  Shards should hold i.i.d. rows (simulations are).
-    """
-
-    def __init__(self, paths: Sequence[str | os.PathLike], buffer_shards: int = 2):
-        self.paths = [os.fspath(p) for p in paths]
-        if not self.paths:
-            raise ValueError("NpzShards needs at least one file")
-        counts, dth, dx = [], None, None
-        for p in self.paths:
-            try:
-                st, sx = _npz_member_shape(p, "theta"), _npz_member_shape(p, "x")
-            except (KeyError, OSError, zipfile.BadZipFile, ValueError) as e:
-                raise ValueError(f"{p}: not an .npz with arrays 'theta' and 'x' ({e})") from e
-            if len(st) != 2 or len(sx) != 2 or st[0] != sx[0]:
-                raise ValueError(f"{p}: theta {st} and x {sx} must be 2-d with equal rows")
-            if dth is None:
-                dth, dx = st[1], sx[1]
-            elif (st[1], sx[1]) != (dth, dx):
-                raise ValueError(f"{p}: dims {(st[1], sx[1])} differ from the first shard's "
-                                 f"{(dth, dx)}")
-            counts.append(st[0])
-        self.counts = np.asarray(counts, np.int64)
-        self.offsets = np.concatenate([[0], np.cumsum(self.counts)])
-        self.n, self.d_theta, self.d_context = int(self.offsets[-1]), int(dth), int(dx)
-        self.buffer_shards = max(1, int(buffer_shards))
-
-    def __len__(self):
-        return self.n
-
-    def _load(self, i: int):
-        with np.load(self.paths[i]) as z:
-            theta = np.asarray(z["theta"], np.float32)
-            x = np.asarray(z["x"], np.float32)
-        return theta, x
-
-    def iter_batches(self, rng, batch_size, rows):
-        return buffered_batches(self._load, self.offsets, np.asarray(rows, bool), rng,
-                                batch_size, self.buffer_shards, self.d_theta, self.d_context)
-
-
-def _as_source(data) -> DataSource:
-    if isinstance(data, DataSource) and hasattr(data, "iter_batches"):
-        return data
-    if isinstance(data, dict):
-        return ArrayData(data["theta"], data["x"])
-    if isinstance(data, (tuple, list)) and len(data) == 2:
-        return ArrayData(*data)
-    raise TypeError("data must be (theta, x), {'theta':..., 'x':...}, or a DataSource "
-                    "(n, d_theta, d_context, __len__, iter_batches)")
-
-
-def streaming_stats(source: DataSource, rows: np.ndarray, chunk: int = 65536) -> ZScoreStats:
-    """Mean and unbiased std of theta and x over ``rows`` in one streaming pass (Chan et al.'s
-    parallel Welford update, float64), with sbi's floors."""
-    acc = {}
-    for name in ("theta", "x"):
-        acc[name] = [0, None, None]  # count, mean, M2
-    for t, x in source.iter_batches(None, chunk, rows):
-        for name, a in (("theta", t), ("x", x)):
-            a = np.asarray(a, np.float64)
-            nb, mb = a.shape[0], a.mean(0)
-            m2b = ((a - mb) ** 2).sum(0)
-            n, m, m2 = acc[name]
-            if m is None:
-                acc[name] = [nb, mb, m2b]
-            else:
-                tot = n + nb
-                delta = mb - m
-                acc[name] = [tot, m + delta * nb / tot, m2 + m2b + delta ** 2 * n * nb / tot]
-    n = acc["theta"][0]
-    if n < 2:
-        raise ValueError(f"need at least 2 training rows for z-scoring, got {n}")
-    return ZScoreStats.from_moments(acc["theta"][1], acc["theta"][2] / (n - 1),
-                                    acc["x"][1], acc["x"][2] / (n - 1))
 
 
 # ----------------------------------------------------------------------------------------------
 # serialisation helpers (flat {path: array} dicts, flax msgpack, never pickle)
 # ----------------------------------------------------------------------------------------------
-def _flatten(tree) -> dict[str, np.ndarray]:
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}
-
-
-def _unflatten_like(template, flat: dict, what: str):
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
-    keys = [jax.tree_util.keystr(p) for p, _ in leaves]
-    missing = [k for k in keys if k not in flat]
-    extra = [k for k in flat if k not in set(keys)]
-    if missing or extra:
-        raise ValueError(f"{what}: checkpoint does not match the model structure "
-                         f"(missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                         f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''})")
-    out = []
-    for k, (_, ref) in zip(keys, leaves):
-        v = np.asarray(flat[k])
-        if tuple(v.shape) != tuple(np.shape(ref)):
-            raise ValueError(f"{what}: array {k} has shape {tuple(v.shape)} in the checkpoint but "
-                             f"{tuple(np.shape(ref))} in the model (incompatible config?)")
-        out.append(jnp.asarray(v, dtype=jnp.asarray(ref).dtype))
-    return jax.tree_util.tree_unflatten(treedef, out)
-
-
-def _sha256(b: bytes) -> str:
-    return hashlib.sha256(b).hexdigest()
-
-
-def _atomic_write(path: str, data: bytes):
-    d = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _versions() -> dict:
-    import distrax
-    import flax
-
-    return {"python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,
-            "optax": optax.__version__, "distrax": distrax.__version__, "numpy": np.__version__,
-            "sedflow_jax": _pkg_version()}
-
-
-def _pkg_version() -> str:
-    try:
-        from . import __version__
-        return str(__version__)
-    except Exception:  # pragma: no cover
-        return "unknown"
-
-
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON-serialisable: {type(o)}")
-
-
-def save_checkpoint(path: str | os.PathLike, flow: Flow, *, train_config: TrainConfig | None = None,
-                    opt_state: Any = None, current_flow: Flow | None = None,
-                    epoch: int = 0, history: dict | None = None, extra: dict | None = None) -> str:
-    """Write a portable checkpoint directory ``path``.
-
-    Args:
-        flow: the model to keep (``load_flow`` returns it); in training, the best weights.
-        train_config: recorded in the JSON.
-        opt_state: optax state of ``current_flow``'s parameters (for resuming), saved as msgpack.
-        current_flow: latest weights when they differ from ``flow`` (defaults to ``flow``).
-        epoch: epochs completed.
-        history: per-epoch losses.
-        extra: additional JSON-serialisable bookkeeping (e.g. RNG state, early-stopping counters).
-    Returns the path of ``checkpoint.json``.
-    """
-    path = os.fspath(path)
-    os.makedirs(path, exist_ok=True)
-    tag = f"{int(epoch):06d}-{uuid.uuid4().hex[:8]}"  # never overwrite a referenced file
-    files = {}
-    flow_bytes = serialization.msgpack_serialize(_flatten(nnx.state(flow)))
-    files["flow"] = f"flow-{tag}.msgpack"
-    _atomic_write(os.path.join(path, files["flow"]), flow_bytes)
-    hashes = {"flow": _sha256(flow_bytes)}
-    if opt_state is not None or current_flow is not None:
-        cur = flow if current_flow is None else current_flow
-        payload = {"model": _flatten(nnx.state(cur)),
-                   "opt_state": _flatten(opt_state) if opt_state is not None else {}}
-        state_bytes = serialization.msgpack_serialize(payload)
-        files["state"] = f"state-{tag}.msgpack"
-        _atomic_write(os.path.join(path, files["state"]), state_bytes)
-        hashes["state"] = _sha256(state_bytes)
-    meta = {
-        "format": CHECKPOINT_FORMAT,
-        "flow_config": flow.config.to_dict(),
-        "permutations": [list(p) for p in flow.permutations],
-        "zscore": flow.stats.to_dict(),
-        "train_config": train_config.to_dict() if train_config is not None else None,
-        "epoch": int(epoch),
-        "history": history or {},
-        "files": files,
-        "sha256": hashes,
-        "versions": _versions(),
-        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "extra": extra or {},
-    }
-    jpath = os.path.join(path, _JSON_NAME)
-    _atomic_write(jpath, json.dumps(meta, indent=1, default=_json_default).encode())
-    # remove files no longer referenced (older epochs)
-    keep = set(files.values())
-    for f in os.listdir(path):
-        if f.endswith(".msgpack") and (f.startswith("flow-") or f.startswith("state-")) \
-                and f not in keep:
-            try:
-                os.unlink(os.path.join(path, f))
-            except OSError:  # pragma: no cover
-                pass
-    return jpath
-
-
-def _read_meta(path: str) -> tuple[str, dict]:
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        d, jpath = path, os.path.join(path, _JSON_NAME)
-    else:
-        d, jpath = os.path.dirname(path) or ".", path
-    if not os.path.exists(jpath):
-        raise ValueError(f"no checkpoint at {path!r} ({_JSON_NAME} not found)")
-    try:
-        with open(jpath, "rb") as f:
-            meta = json.loads(f.read().decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"checkpoint metadata {jpath} is corrupt or truncated: {e}") from e
-    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{jpath} is not a {CHECKPOINT_FORMAT} checkpoint "
-                         f"(format={meta.get('format') if isinstance(meta, dict) else None!r})")
-    for key in ("flow_config", "permutations", "zscore", "files", "sha256"):
-        if key not in meta:
-            raise ValueError(f"checkpoint metadata {jpath} lacks {key!r} (corrupt?)")
-    return d, meta
-
-
-def _read_msgpack(d: str, meta: dict, which: str):
-    name = meta["files"].get(which)
-    if name is None:
-        raise ValueError(f"checkpoint in {d} has no {which!r} file")
-    p = os.path.join(d, name)
-    if not os.path.exists(p):
-        raise ValueError(f"checkpoint file {p} is missing")
-    with open(p, "rb") as f:
-        b = f.read()
-    want = meta["sha256"].get(which)
-    if want is not None and _sha256(b) != want:
-        raise ValueError(f"checkpoint file {p} is corrupt or truncated (SHA-256 mismatch: "
-                         f"{len(b)} bytes on disk)")
-    try:
-        return serialization.msgpack_restore(b)
-    except Exception as e:  # msgpack raises several exception types
-        raise ValueError(f"checkpoint file {p} is corrupt or truncated: {e}") from e
-
-
-def _config_diff(a: FlowConfig, b: FlowConfig) -> list[str]:
-    da, db = a.to_dict(), b.to_dict()
-    return [f"{k}: checkpoint {da[k]!r} vs requested {db[k]!r}" for k in da if da[k] != db.get(k)]
-
-
-def _flow_from_meta(meta: dict, config: FlowConfig | None) -> Flow:
-    try:
-        cfg = FlowConfig.from_dict(meta["flow_config"])
-        stats = ZScoreStats.from_dict(meta["zscore"])
-    except (TypeError, ValueError, KeyError) as e:
-        raise ValueError(f"checkpoint has an invalid flow config / z-score stats: {e}") from e
-    if config is not None and cfg != config:
-        raise ValueError("checkpoint FlowConfig is incompatible with the requested one: "
-                         + "; ".join(_config_diff(cfg, config)))
-    # build with the stored permutations; weights are overwritten right after
-    return init_flow(jax.random.PRNGKey(0), cfg, stats=stats, permutations=meta["permutations"])
-
-
-def load_checkpoint(path: str | os.PathLike, config: FlowConfig | None = None) -> dict:
-    """Read a checkpoint: ``{'flow': best Flow, 'meta': dict, 'current_flow': Flow | None,
-    'opt_state_flat': dict | None}``.  Raises ValueError on missing / corrupt / truncated files
-    or when ``config`` is given and differs from the stored FlowConfig."""
-    d, meta = _read_meta(os.fspath(path))
-    flow = _flow_from_meta(meta, config)
-    flat = _read_msgpack(d, meta, "flow")
-    nnx.update(flow, _unflatten_like(nnx.state(flow), flat, "flow weights"))
-    out = {"flow": flow, "meta": meta, "current_flow": None, "opt_state_flat": None}
-    if "state" in meta["files"]:
-        payload = _read_msgpack(d, meta, "state")
-        if not isinstance(payload, dict) or "model" not in payload:
-            raise ValueError(f"checkpoint state file in {d} is corrupt (no 'model' entry)")
-        cur = _flow_from_meta(meta, None)
-        nnx.update(cur, _unflatten_like(nnx.state(cur), payload["model"], "latest weights"))
-        out["current_flow"] = cur
-        out["opt_state_flat"] = payload.get("opt_state") or None
-    return out
-
-
-def load_flow(path: str | os.PathLike, config: FlowConfig | None = None) -> Flow:
-    """Load the model (best weights) from a checkpoint directory or its ``checkpoint.json``.
-    With ``config``, also check that the stored FlowConfig equals it (ValueError otherwise)."""
-    return load_checkpoint(path, config)["flow"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -650,7 +277,7 @@ def fit(key_or_seed, config: TrainConfig | None = None, flow_config: FlowConfig 
     cfg = config or TrainConfig()
     if data is None:
         raise ValueError("fit needs data")
-    source = _as_source(data)
+    source = as_source(data)
     fcfg = flow_config or FlowConfig.small(source.d_theta, source.d_context)
     if (fcfg.d_theta, fcfg.d_context) != (source.d_theta, source.d_context):
         raise ValueError(f"data dims (d_theta={source.d_theta}, d_context={source.d_context}) do "
@@ -665,7 +292,7 @@ def fit(key_or_seed, config: TrainConfig | None = None, flow_config: FlowConfig 
     start_epoch, best_val, best_epoch, since_best = 0, math.inf, 0, 0
     rng = np.random.default_rng([seed, 0xB47C4])
 
-    if resume_from is not None and os.path.exists(os.path.join(os.fspath(resume_from), _JSON_NAME)):
+    if resume_from is not None and os.path.exists(os.path.join(os.fspath(resume_from), CHECKPOINT_JSON)):
         ck = load_checkpoint(resume_from, fcfg)
         meta = ck["meta"]
         ex = meta.get("extra", {})
@@ -683,7 +310,7 @@ def fit(key_or_seed, config: TrainConfig | None = None, flow_config: FlowConfig 
         best_flow = ck["flow"]
         model = ck["current_flow"]
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        opt_state = _unflatten_like(tx.init(params), ck["opt_state_flat"], "optimizer state")
+        opt_state = unflatten_like(tx.init(params), ck["opt_state_flat"], "optimizer state")
         history = {k: list(v) for k, v in meta["history"].items()}
         history.setdefault("epoch_time_s", [])
         start_epoch = int(meta["epoch"])
@@ -697,7 +324,7 @@ def fit(key_or_seed, config: TrainConfig | None = None, flow_config: FlowConfig 
             model = flow
             if model.config != fcfg:
                 raise ValueError("the initial flow's config differs from flow_config: "
-                                 + "; ".join(_config_diff(model.config, fcfg)))
+                                 + "; ".join(model.config.differences(fcfg, "checkpoint", "requested")))
         else:
             stats = streaming_stats(source, is_train)
             model = init_flow(jax.random.PRNGKey(seed), fcfg, stats=stats)

@@ -1,0 +1,58 @@
+"""`sedflow-jax` command line: thin wiring from arguments to the library, no science here."""
+from __future__ import annotations
+
+import os
+import sys
+
+
+from sedflow_jax.io.catalog import CatalogError
+from sedflow_jax.sed.model import ModelInputError
+from sedflow_jax.sed.photometry import FilterError
+from sedflow_jax.sed.ssp import SSPGridError
+
+from .common import CLIError
+from .config import apply_config, dump_config, load_config, resolved_config
+from .parser import build_parser
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((t for t in argv if not t.startswith("-")), None)
+    try:
+        a = parse(argv, command)
+        if a.dump_config:
+            sys.stdout.write(dump_config(resolved_config(a, a.command), a.command))
+            return 0
+        a.func(a)
+    except (CLIError, ModelInputError, FilterError, SSPGridError, CatalogError, OSError,
+            ValueError, KeyError) as exc:
+        if os.environ.get("SEDFLOW_JAX_DEBUG"):
+            raise
+        print(f"sedflow-jax {command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def parse(argv, command):
+    """Parse the command line; with --config, the file's values are the defaults (so flags
+    given on the command line override them)."""
+    ap = build_parser()
+    if command not in ap._sj_subparsers or any(t in ("-h", "--help") for t in argv):
+        return _with_subparser(ap.parse_args(argv), ap)
+    # first pass, nothing required: where is the config file? (abbreviations work too)
+    pre = build_parser()
+    for act in pre._sj_subparsers[command]._actions:
+        act.required = False
+    ns, _ = pre.parse_known_args(argv)
+    if ns.config is not None:
+        values = load_config(ns.config, command)
+        apply_config(ap._sj_subparsers[command], command, values, f"--config {ns.config}")
+    return _with_subparser(ap.parse_args(argv), ap)
+
+
+def _with_subparser(a, ap):
+    """The parsed namespace with its subcommand's parser attached (``a.subparser``: the
+    recorded configuration lists that parser's options)."""
+    if getattr(a, "command", None) in ap._sj_subparsers:
+        a.subparser = ap._sj_subparsers[a.command]
+    return a

@@ -1,0 +1,1 @@
+"""Evaluation: calibration diagnostics (SBC, coverage, TARP, C2ST), plots, validation runs."""
