@@ -85,8 +85,6 @@ def main():
     import jax
 
     import sedflow_jax as sj
-    from sedflow_jax.io import catalog as C
-    from sedflow_jax.io import mocks
     from sedflow_jax.sim import layout
     from sedflow_jax.eval import diagnostics as D
     from sedflow_jax import mcmc as M

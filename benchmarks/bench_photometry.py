@@ -8,6 +8,9 @@ sees), and the ratio against two peers measured in the same run on the same grid
     because importing dsps turns on float64 for the whole process), and
   * the slow, obvious NumPy reference of tests/reference_model.py (a few galaxies).
 Goal (training-set issue): >= 4e4 galaxies/s on 2 CPU cores.
+It also prints, in the same run, what a JAX user writes, ``jit(vmap(model.photometry_fn()))``,
+against ``model.photometry`` on one batch (--vmap-n, 1e5) and their ratio (architecture issue,
+item 7: the per-galaxy kernel's vmap rule uses the blocked batch path, so the ratio is ~1).
 """
 import argparse
 import json
@@ -39,6 +42,7 @@ def main():
     ap.add_argument("--dsps-n", type=int, default=1000)
     ap.add_argument("--ref-n", type=int, default=20)
     ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--vmap-n", type=int, default=100000, help="0: skip the vmap comparison")
     a = ap.parse_args()
 
     import jax
@@ -61,6 +65,9 @@ def main():
                    repeat=3 if n <= 10**5 else 1)
         rows.append((n, dt, n / dt))
         print(f"  ours  n={n:>8d}: {dt * 1e3:10.2f} ms  {n / dt:12.0f} galaxies/s")
+
+    if a.vmap_n:
+        vmap_vs_batch(model, pr, a.vmap_n)
 
     if not a.no_peers:
         res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "dsps_peer.py"),
@@ -85,6 +92,25 @@ def main():
         print(f"ratio ours(best batch)/dsps = {best / dsps_rate:8.1f}x ; "
               f"ours/NumPy reference = {best / ref_rate:8.0f}x")
         print(f"goal >= 4e4 galaxies/s: {'met' if best >= 4e4 else 'NOT met'} ({best:.0f}/s)")
+
+
+def vmap_vs_batch(model, pr, n):
+    """galaxies/s of jit(vmap(photometry_fn())) and of model.photometry on the same batch."""
+    import jax
+    import jax.numpy as jnp
+
+    from sedflow_jax.sim import prior as P
+
+    k1, k2 = jax.random.split(jax.random.key(7))
+    th = P.sample(k1, pr, n)
+    z = jnp.clip(P.sample_redshift(k2, pr, n), 1e-3, None)
+    fv = jax.jit(jax.vmap(model.photometry_fn()))
+    th_np, z_np = np.asarray(th), np.asarray(z)
+    dt_v = timed(lambda: fv(th, z).block_until_ready(), repeat=2)
+    dt_b = timed(lambda: model.photometry(th_np, z_np).block_until_ready(), repeat=2)
+    rv, rb = n / dt_v, n / dt_b
+    print(f"  jit(vmap(photometry_fn())) n={n}: {rv:10.0f} galaxies/s ; model.photometry: "
+          f"{rb:10.0f} galaxies/s ; ratio vmap/photometry = {rv / rb:.2f}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
     python benchmarks/bench_real.py --model real_sdss_out/work/model --n-galaxies 64
 
 Reads real SDSS galaxies (0.01 < z < 0.2) from ``examples/data/sdss_main_10k.fits``, builds the
-band masks and support checks, and times :func:`sedflow_jax.masking.infer_catalog` (reading,
+band masks and support checks, and times :func:`sedflow_jax.sbi.inference.infer_catalog` (reading,
 masking, sampling with prior rejection; derived properties off) after a warm-up call that
 compiles the sampler. Without ``--model`` a small mask-aware model is trained first (the timing
 then refers to that architecture: ``--blocks`` x ``--hidden``). Prints one JSON line.
@@ -38,7 +38,6 @@ def main(argv=None):
 
     import jax
 
-    from sedflow_jax.sbi import masks as M
     from sedflow_jax.sbi import inference as INF
     from sedflow_jax.sbi.posterior import AmortizedPosterior
 

@@ -19,7 +19,6 @@ import jax
 import numpy as np
 
 import sedflow_jax as sj
-from sedflow_jax.io import catalog as C
 from sedflow_jax.io import mocks
 from sedflow_jax.sim import layout
 from sedflow_jax.eval import diagnostics as D
@@ -48,8 +47,6 @@ def main(argv=None):
     if a.model is None:
         from sedflow_jax.nn import flow as F
         from sedflow_jax.nn import train as T
-        from sedflow_jax.nn import checkpoint as CK
-        from sedflow_jax.nn import data as TD
 
         sj.simulate(0, a.tiny_train, out=out / "trainset", progress=False)
         fc = F.FlowConfig.small(11, 11).replace(n_blocks=3, hidden=64)

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import importlib
 
-from .version import __version__  # noqa: F401
+from .version import __version__
+
+__all__ = ["__version__"]  # plus the lazy names below (dir(sedflow_jax) lists them)
 
 _LAZY = {
     "load_model": "sedflow_jax.sed.model",
@@ -36,9 +38,10 @@ _LAZY = {
     "load_training_set": "sedflow_jax.sim.readers",
     "provabgs_prior": "sedflow_jax.sim.prior",
     "default_noise_model": "sedflow_jax.sim.noise",
-    "fit_noise_model": "sedflow_jax.sim.noise",
+    "fit_noise_model": "sedflow_jax.sim.noise_fit",
     "mock_catalog": "sedflow_jax.io.mocks",
     "read_photometry": "sedflow_jax.io.catalog",
+    "ColumnSpec": "sedflow_jax.io.catalog",
     "AmortizedPosterior": "sedflow_jax.sbi.posterior",
     "train_posterior": "sedflow_jax.sbi.training",
     "infer_catalog": "sedflow_jax.sbi.inference",

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import h5py
 import jax
@@ -62,16 +63,45 @@ def run_demo(out, size: str = "small", *, seed: int = 0, overrides: dict | None 
             "jax_backend": jax.default_backend()}
     (out / "config.json").write_text(json.dumps(meta, indent=2))
 
-    def stage(name):
-        print(f"[demo] {name} ...", flush=True)
-        return time.perf_counter()
-
-    t = stage(f"1/6 simulate {cfg['n_train']:,} training galaxies")
+    t = _stage(f"1/6 simulate {cfg['n_train']:,} training galaxies")
     model = load_model(z_max=0.2)
     sim = simulate(seed, cfg["n_train"], model, out=out / "trainset", progress=progress)
     times["simulate_s"] = time.perf_counter() - t
 
-    t = stage("2/6 train the flow")
+    t = _stage("2/6 train the flow")
+    post, fit, fc = train_stage(out, cfg, size, seed, progress)
+    times["train_s"] = time.perf_counter() - t
+
+    t = _stage(f"3/6 mock catalog of {cfg['n_catalog']} held-out galaxies and their posteriors")
+    key = jax.random.key(seed + 1_000_003)
+    cs = catalog_stage(out, cfg, model, post, key)
+    times["infer_s"] = time.perf_counter() - t
+    times["infer_galaxies_per_s"] = cfg["n_catalog"] / cs.infer_time
+
+    t = _stage(f"4/6 NUTS on {cfg['n_mcmc']} catalog galaxies (started from the flow's draws)")
+    summ_mcmc = mcmc_stage(out, cfg, model, cs, seed, progress, fig_dir)
+    times["mcmc_s"] = time.perf_counter() - t
+
+    t = _stage(f"5/6 calibration (SBC, p-p) on {cfg['n_test']} fresh mock galaxies")
+    val = validate_posterior(post, jax.random.fold_in(key, 2), cfg["n_test"],
+                             cfg["n_test_samples"], model=model, out=fig_dir)
+    times["validate_s"] = time.perf_counter() - t
+
+    _stage("6/6 summary")
+    summary = demo_summary(meta, sim, fit, fc, cs, summ_mcmc, val, times)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    (out / "summary.md").write_text(_markdown(summary))
+    print(_markdown(summary))
+    return summary
+
+
+def _stage(name: str) -> float:
+    print(f"[demo] {name} ...", flush=True)
+    return time.perf_counter()
+
+
+def train_stage(out: Path, cfg: dict, size: str, seed: int, progress: bool):
+    """Train the flow on ``out/trainset`` into ``out/model``: (posterior, fit, flow config)."""
     fc = F.FlowConfig.small(11, 11, seed=seed).replace(n_blocks=cfg["blocks"], hidden=cfg["hidden"])
     if size == "paper":
         fc = F.FlowConfig.paper(seed=seed)
@@ -81,10 +111,21 @@ def run_demo(out, size: str = "small", *, seed: int = 0, overrides: dict | None 
     post, fit = train_posterior(str(out / "trainset"), out / "model", flow_config=fc,
                                 train_config=tc, seed=seed,
                                 theta_space=cfg["theta_space"])
-    times["train_s"] = time.perf_counter() - t
+    return post, fit, fc
 
-    t = stage(f"3/6 mock catalog of {cfg['n_catalog']} held-out galaxies and their posteriors")
-    key = jax.random.key(seed + 1_000_003)
+
+class CatalogStage(NamedTuple):
+    """The held-out mock catalog, its photometry and the flow's posterior draws."""
+
+    cat: Any
+    ph: Any
+    smp: Any
+    infer_time: float
+
+
+def catalog_stage(out: Path, cfg: dict, model, post, key) -> CatalogStage:
+    """A mock catalog with known truths (``mock_catalog.fits``) and the flow's posteriors for
+    all of it (``posteriors.fits`` with the truths beside, ``posterior_samples.h5``)."""
     cat = mock_catalog(jax.random.fold_in(key, 0), cfg["n_catalog"], model=model)
     cat.meta.update({"sedflow_jax_version": __version__})
     cat.write(out / "mock_catalog.fits", overwrite=True)
@@ -102,38 +143,40 @@ def run_demo(out, size: str = "small", *, seed: int = 0, overrides: dict | None 
     with h5py.File(out / "posterior_samples.h5", "w") as f:
         f["theta"] = smp.theta
         f.attrs["param_names"] = list(PARAM_NAMES)
-    times["infer_s"] = time.perf_counter() - t
-    times["infer_galaxies_per_s"] = cfg["n_catalog"] / t_inf
+    return CatalogStage(cat, ph, smp, t_inf)
 
-    t = stage(f"4/6 NUTS on {cfg['n_mcmc']} catalog galaxies (started from the flow's draws)")
+
+def mcmc_stage(out: Path, cfg: dict, model, cs: CatalogStage, seed: int, progress: bool,
+               fig_dir: Path):
+    """NUTS on the first catalog galaxies, started from the flow's draws (``out/mcmc``), and
+    corner (flow vs NUTS) and SED figures of each; returns the MCMC summary table."""
     rows = list(range(cfg["n_mcmc"]))
-    flow_init = {r: smp.draws(r)[0] for r in rows}
+    flow_init = {r: cs.smp.draws(r)[0] for r in rows}
     summ_mcmc, results = M.run_mcmc_catalog(
-        cat, rows, "nuts", out / "mcmc", model=model, key=seed, return_results=True,
+        cs.cat, rows, "nuts", out / "mcmc", model=model, key=seed, return_results=True,
         progress=progress, init_samples={r: v for r, v in flow_init.items() if len(v)},
         num_chains=cfg["mcmc_chains"], num_warmup=cfg["mcmc_warmup"],
         num_samples=cfg["mcmc_samples"], max_tree_depth=cfg["mcmc_tree_depth"])
-    times["mcmc_s"] = time.perf_counter() - t
-    _, truths = mock_truths(cat)
+    _, truths = mock_truths(cs.cat)
     for r in rows:
         res = results.get(r)
         if res is None:
             continue
-        flow_s, flow_theta = smp.draws(r)
+        flow_s, flow_theta = cs.smp.draws(r)
         D.plot_corner({"SEDflow (flow)": flow_s, "NUTS": res.flat_samples},
                       list(SAMPLING_NAMES), truths[r], fig_dir / f"corner_galaxy{r}.png")
-        D.plot_sed_fit(model, flow_theta, float(cat["z"][r]),
-                       ph.flux[r], ph.sigma[r], fig_dir / f"sed_galaxy{r}.png")
+        D.plot_sed_fit(model, flow_theta, float(cs.cat["z"][r]),
+                       cs.ph.flux[r], cs.ph.sigma[r], fig_dir / f"sed_galaxy{r}.png")
+    return summ_mcmc
 
-    t = stage(f"5/6 calibration (SBC, p-p) on {cfg['n_test']} fresh mock galaxies")
-    val = validate_posterior(post, jax.random.fold_in(key, 2), cfg["n_test"],
-                             cfg["n_test_samples"], model=model, out=fig_dir)
-    times["validate_s"] = time.perf_counter() - t
 
-    stage("6/6 summary")
-    acc = np.asarray(smp.acceptance)
+def demo_summary(meta: dict, sim, fit, fc, cs: CatalogStage, summ_mcmc, val,
+                 times: dict) -> dict:
+    """The run's summary: configuration, training set, flow, catalog acceptance, MCMC,
+    calibration and timings (what ``summary.json`` holds)."""
+    acc = np.asarray(cs.smp.acceptance)
     ok = np.asarray(summ_mcmc["status"]) == "ok"
-    summary = {
+    return {
         **meta,
         "training_set": {"n_requested": sim.n_requested, "n_kept": sim.n_kept,
                          "dropped": sim.dropped},
@@ -141,21 +184,17 @@ def run_demo(out, size: str = "small", *, seed: int = 0, overrides: dict | None 
                      "best_val_loss": float(fit.best_val_loss),
                      "stopped_early": bool(fit.stopped_early),
                      "flow": dataclasses.asdict(fc)},
-        "catalog": {"n": len(cat), "mean_acceptance": float(acc.mean()),
+        "catalog": {"n": len(cs.cat), "mean_acceptance": float(acc.mean()),
                     "min_acceptance": float(acc.min()),
-                    "n_low_acceptance": int(smp.low_acceptance.sum()),
-                    "n_ood": int(smp.ood.sum()), "flag_counts": ph.counts},
-        "mcmc": {"n": len(rows), "n_ok": int(ok.sum()),
+                    "n_low_acceptance": int(cs.smp.low_acceptance.sum()),
+                    "n_ood": int(cs.smp.ood.sum()), "flag_counts": cs.ph.counts},
+        "mcmc": {"n": len(summ_mcmc), "n_ok": int(ok.sum()),
                  "time_per_galaxy_s": float(np.mean(np.asarray(summ_mcmc["time_s"])[ok]))
                  if ok.any() else None,
                  "rhat_max": float(np.nanmax(summ_mcmc["rhat_max"])) if ok.any() else None},
         "calibration": val.summary,
         "timings_s": times,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    (out / "summary.md").write_text(_markdown(summary))
-    print(_markdown(summary))
-    return summary
 
 
 def _markdown(s: dict) -> str:

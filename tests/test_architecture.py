@@ -19,7 +19,7 @@ LAYERS = {
     "io": 3,
     "sbi": 4, "mcmc": 4,
     "eval": 5,
-    "cli": 6, "demo": 6,
+    "cli": 6, "demo": 6, "data": 6,  # data/: package data and the script that makes them
 }
 #: pairs in one layer that must not import each other (either way)
 SEPARATE = [("sed", "nn"), ("sbi", "mcmc")]

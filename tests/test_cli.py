@@ -94,3 +94,8 @@ def test_mcmc_command_fits_catalog_rows(tmp_path, capsys):
     assert cli.main(argv[:6] + ["ess", "--max-tree-depth", "3", "--out", str(tmp_path / "e")]) == 2
     assert "NUTS option" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
+    # some rows failed (row 2 is past the end; rows 0-1 resume): exit 0, the failures counted
+    assert cli.main(argv[:4] + ["0:3"] + argv[5:] + ["--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert "2/3 galaxies fit with nuts; 1 failed: see" in printed and "summary.ecsv" in printed
+    assert list(Table.read(out / "summary.ecsv")["status"]) == ["ok", "ok", "failed"]

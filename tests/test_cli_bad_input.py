@@ -14,8 +14,6 @@ import pytest
 from astropy.table import Table
 
 from sedflow_jax.io import catalog as C
-from sedflow_jax.io import mocks
-from sedflow_jax.sim import layout
 from sedflow_jax import cli
 from sedflow_jax.cli import config as cli_config
 from test_parallel_cli import N_GOOD, N_SAMPLES, assert_tables_match, filled, good_catalog, \
@@ -210,6 +208,27 @@ def test_catalog_without_usable_rows(setup, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_mcmc_every_galaxy_failed_exits_1(tmp_path, capsys):
+    """`mcmc` on rows that all fail (no usable band) exits 1, says how many failed and where
+    the errors are; the summary records each failure (nothing is sampled)."""
+    t = good_catalog(3)
+    t["flux_sdss_r"] = np.nan
+    t.write(tmp_path / "c.fits")
+    out = tmp_path / "mc"
+    rc = _main(["mcmc", "--catalog", tmp_path / "c.fits", "--rows", "0:3", "--filters",
+                "sdss_r", "--z-max", "0.2", "--chains", "2", "--warmup", "5", "--samples", "5",
+                "--cpu-devices", "1", "--compile-cache", "none", "--out", out])
+    assert rc == 1
+    cap = capsys.readouterr()
+    assert "0/3 galaxies fit with nuts; 3 failed: see" in cap.out and "summary.ecsv" in cap.out
+    last = cap.err.splitlines()[-1]  # after the progress bar
+    assert last.startswith("sedflow-jax mcmc:") and "every galaxy failed" in last
+    summ = Table.read(out / "summary.ecsv")
+    assert list(summ["status"]) == ["failed"] * 3
+    assert all("no usable band" in e for e in summ["error"])
+    assert not list(out.glob("galaxy_*.npz"))
+
+
 @pytest.mark.parametrize("drop,extra,msg", [
     ("flux_ivar_sdss_r", [], "missing columns ['flux_ivar_sdss_r']"),
     ("flux_sdss_r", [], "missing columns ['flux_sdss_r']"),
@@ -314,8 +333,6 @@ def test_catalog_units_magnitudes_and_jansky():
     from astropy.table import Table
 
     from sedflow_jax.io import catalog as C
-    from sedflow_jax.io import mocks
-    from sedflow_jax.sim import layout
 
     bands = ("g", "r")
     f = np.array([[10.0, 25.0], [3.0, 0.5]])  # nanomaggies

@@ -12,6 +12,7 @@ from astropy.table import Table
 from scipy import stats
 
 from sedflow_jax.sim import noise as N
+from sedflow_jax.sim import noise_fit as NF
 
 CATALOG = Path(__file__).resolve().parents[1] / "examples" / "data" / "sdss_main_10k.fits"
 SDSS = ("sdss_u", "sdss_g", "sdss_r", "sdss_i", "sdss_z")
@@ -29,7 +30,7 @@ def catalog():
 def fitted(catalog):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return N.fit_noise_model(catalog, "MODELFLUX", "MODELFLUX_IVAR", SDSS,
+        return NF.fit_noise_model(catalog, "MODELFLUX", "MODELFLUX_IVAR", SDSS,
                                  extinction_col="EXTINCTION", zcol="Z", zrange=(0.01, 0.2))
 
 
@@ -209,7 +210,7 @@ def test_bad_rows_skipped_with_count_and_column_styles(tmp_path):
     t["flux_g"][12:15] = -3.0
     t["flux_ivar_r"][20:22] = 0.0
     with pytest.warns(UserWarning) as rec:
-        m = N.fit_noise_model(t, ["flux_g", "flux_r"], ["flux_ivar_g", "flux_ivar_r"], ("g", "r"))
+        m = NF.fit_noise_model(t, ["flux_g", "flux_r"], ["flux_ivar_g", "flux_ivar_r"], ("g", "r"))
     msgs = sorted(str(w.message) for w in rec)
     assert len(msgs) == 2 and "band g: skipped 15 of 3000" in msgs[0] and "band r: skipped 2" in msgs[1]
     assert m.metadata["bands"]["g"]["n_skipped_invalid"] == 15
@@ -219,8 +220,8 @@ def test_bad_rows_skipped_with_count_and_column_styles(tmp_path):
     t2 = _toy_table(np.random.default_rng(1))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no bad rows -> no warning
-        a = N.fit_noise_model(t2, "FLUX", "FLUX_IVAR", ("g", "r"), zcol="Z", zrange=(0.05, 0.2))
-        b = N.fit_noise_model(t2, ["flux_g", "flux_r"], ["flux_ivar_g", "flux_ivar_r"], ("g", "r"),
+        a = NF.fit_noise_model(t2, "FLUX", "FLUX_IVAR", ("g", "r"), zcol="Z", zrange=(0.05, 0.2))
+        b = NF.fit_noise_model(t2, ["flux_g", "flux_r"], ["flux_ivar_g", "flux_ivar_r"], ("g", "r"),
                               zcol="Z", zrange=(0.05, 0.2))
     np.testing.assert_allclose(a.median, b.median)
     assert a.metadata["n_after_zcut"] == int(((t2["Z"] > 0.05) & (t2["Z"] < 0.2)).sum())
@@ -228,26 +229,26 @@ def test_bad_rows_skipped_with_count_and_column_styles(tmp_path):
     scalar = t2["flux_g", "flux_r", "flux_ivar_g", "flux_ivar_r"]
     scalar.write(tmp_path / "t.ecsv")
     scalar.write(tmp_path / "t.csv", format="ascii.csv")
-    c = N.fit_noise_model(tmp_path / "t.fits", "FLUX", "FLUX_IVAR", ("g", "r"), zcol="Z", zrange=(0.05, 0.2))
+    c = NF.fit_noise_model(tmp_path / "t.fits", "FLUX", "FLUX_IVAR", ("g", "r"), zcol="Z", zrange=(0.05, 0.2))
     np.testing.assert_allclose(c.median, a.median, rtol=1e-6)
     for fn in ("t.ecsv", "t.csv"):
-        d = N.fit_noise_model(str(tmp_path / fn), ["flux_g", "flux_r"], ["flux_ivar_g", "flux_ivar_r"], ("g", "r"))
-        e = N.fit_noise_model(scalar, ["flux_g", "flux_r"], ["flux_ivar_g", "flux_ivar_r"], ("g", "r"))
+        d = NF.fit_noise_model(str(tmp_path / fn), ["flux_g", "flux_r"], ["flux_ivar_g", "flux_ivar_r"], ("g", "r"))
+        e = NF.fit_noise_model(scalar, ["flux_g", "flux_r"], ["flux_ivar_g", "flux_ivar_r"], ("g", "r"))
         np.testing.assert_allclose(d.median, e.median, rtol=1e-6)
     # the synthetic truth sigma_mag = 0.3 (f/3)^-1/2 is recovered
     mu, _ = N.sigma_mag_params(e, jnp.asarray([[30.0, 300.0]]))
     np.testing.assert_allclose(np.asarray(mu)[0], 0.3 * np.array([10.0, 100.0]) ** -0.5, rtol=0.05)
     with pytest.raises(ValueError):
-        N.fit_noise_model(t2, "FLUX", "FLUX_IVAR", ("g", "r", "i"))
+        NF.fit_noise_model(t2, "FLUX", "FLUX_IVAR", ("g", "r", "i"))
     with pytest.raises(KeyError):
-        N.fit_noise_model(t2, "NOPE", "FLUX_IVAR", ("g", "r"))
+        NF.fit_noise_model(t2, "NOPE", "FLUX_IVAR", ("g", "r"))
 
 
 def test_extinction_correction():
     t = _toy_table(np.random.default_rng(2))
     t["A"] = np.tile([0.5, 0.25], (len(t), 1))
-    a = N.fit_noise_model(t, "FLUX", "FLUX_IVAR", ("g", "r"))
-    b = N.fit_noise_model(t, "FLUX", "FLUX_IVAR", ("g", "r"), extinction_col="A")
+    a = NF.fit_noise_model(t, "FLUX", "FLUX_IVAR", ("g", "r"))
+    b = NF.fit_noise_model(t, "FLUX", "FLUX_IVAR", ("g", "r"), extinction_col="A")
     np.testing.assert_allclose(b.flux_range, a.flux_range * np.array([[10 ** 0.2], [10 ** 0.1]]), rtol=1e-5)
     np.testing.assert_allclose(b.log10_flux[:, :3] - a.log10_flux[:, :3], [[0.2] * 3, [0.1] * 3], atol=1e-5)
     np.testing.assert_allclose(b.median, a.median, rtol=1e-6)  # sigma_mag is extinction-invariant
@@ -287,7 +288,7 @@ def test_plot(tmp_path, catalog):
     import matplotlib
     matplotlib.use("Agg")
     noise = N.default_noise_model()
-    fig = N.plot_noise_model(noise, catalog, tmp_path / "noise.png", flux_cols="MODELFLUX",
+    fig = NF.plot_noise_model(noise, catalog, tmp_path / "noise.png", flux_cols="MODELFLUX",
                              ivar_cols="MODELFLUX_IVAR", extinction_col="EXTINCTION", zcol="Z",
                              zrange=(0.01, 0.2))
     assert (tmp_path / "noise.png").stat().st_size > 10_000

@@ -1,10 +1,10 @@
 """Scale-out through the command line: `simulate --devices / --process-id`, `merge-manifests`,
 `train --devices`, `infer --stream [--resume]` and `finalize`.
 
-Everything tiny: a 1-band model, 64-row blocks, an untrained 1-block flow for inference (its
-draws are as good as any for comparing code paths). The 2-device run needs
-XLA_FLAGS=--xla_force_host_platform_device_count=2 before jax is imported, so it is a
-subprocess, started with the module's first test and awaited where needed.
+Everything tiny: a 1-band model, 64-row blocks, an untrained 1-block flow for inference whose
+draws depend on the photometry (:func:`tiny_posterior`: a wrong column changes the answer).
+The 2-device run needs XLA_FLAGS=--xla_force_host_platform_device_count=2 before jax is
+imported, so it is a subprocess, started with the module's first test and awaited where needed.
 """
 from __future__ import annotations
 
@@ -40,23 +40,46 @@ sys.exit(cli.main(["simulate", *sim, "--out", root + "/sim2", "--devices", "2"])
 # ---------------------------------------------------------------------------------------------
 # helpers shared with tests/test_cli_bad_input.py
 # ---------------------------------------------------------------------------------------------
-def save_tiny_posterior(path):
-    """An untrained 1-band (sdss_r) posterior centred in the prior box, saved to ``path``."""
+def tiny_posterior(bands=("sdss_r",), *, mask_aware=False, seed=3, strength=0.3):
+    """An untrained 1-block posterior centred in the prior box whose draws depend on the
+    photometry: the shift of every coordinate is a random linear function of the z-scored
+    context (magnitudes, sigmas, z, and the band mask when ``mask_aware``), so a wrong column
+    or a wrong flux changes the answer."""
     import jax
 
     from sedflow_jax.nn import flow as F
     from sedflow_jax.sim import prior as P
     from sedflow_jax.sbi.posterior import AmortizedPosterior
 
+    nb = len(bands)
     prior = P.provabgs_prior()
     lo, hi = (np.asarray(a, np.float64) for a in P.sampling_bounds(prior))
-    stats = F.ZScoreStats.from_moments((lo + hi) / 2, ((hi - lo) / 5) ** 2,
-                                       np.array([19.0, 0.05, 0.1]),
-                                       np.array([2.0, 0.05, 0.05]) ** 2)
-    flow = F.init_flow(jax.random.PRNGKey(3),
-                       F.FlowConfig.small(11, 3, seed=0, n_blocks=1, hidden=32), stats=stats)
-    AmortizedPosterior(flow=flow, prior=prior, bands=("sdss_r",), x_lo=np.array([10., 0., 0.]),
-                       x_hi=np.array([22.0, 0.3, 0.2])).save(path)
+    xm = np.r_[np.full(nb, 19.0), np.full(nb, 0.05), 0.1]
+    xs = np.r_[np.full(nb, 2.0), np.full(nb, 0.05), 0.05]
+    if mask_aware:
+        xm, xs = np.r_[xm, np.full(nb, 0.5)], np.r_[xs, np.full(nb, 0.5)]
+    stats = F.ZScoreStats.from_moments((lo + hi) / 2, ((hi - lo) / 5) ** 2, xm, xs ** 2)
+    flow = F.init_flow(jax.random.PRNGKey(seed),
+                       F.FlowConfig.small(11, xm.size, seed=0, n_blocks=1, hidden=32),
+                       stats=stats)
+    made = flow.blocks[0]
+    w = np.random.default_rng(seed).normal(size=(xm.size, 11)) * strength
+    k = np.zeros(made.output_context_layer.kernel[...].shape, np.float32)
+    k[:, 11:22] = w  # the shift of each coordinate (params (raw scale, shift) x 11 dims)
+    made.output_context_layer.kernel[...] = k
+    meta = {}
+    if mask_aware:
+        meta["band_mask"] = {"fill": np.r_[np.full(nb, 19.0), np.full(nb, 0.05)].tolist(),
+                             "p_drop": 0.5, "min_bands": 1,
+                             "layout": "[mags', sigma_mags', z, mask]"}
+    return AmortizedPosterior(flow=flow, prior=prior, bands=tuple(bands),
+                              x_lo=np.r_[np.full(nb, 10.0), np.zeros(nb), 0.0],
+                              x_hi=np.r_[np.full(nb, 22.0), np.full(nb, 0.3), 0.2], meta=meta)
+
+
+def save_tiny_posterior(path, **kw):
+    """:func:`tiny_posterior` (1-band sdss_r by default) saved to ``path``."""
+    tiny_posterior(**kw).save(path)
     return str(path)
 
 
@@ -81,8 +104,7 @@ def filled(col):
 
 
 def assert_tables_match(a, b, *, rtol=1e-5, skip=("row", "n_bands_used")):
-    # n_bands_used: written by plain `infer` (band masks), not by the streaming path, which
-    # takes no masks (every band of a usable row is used)
+    # both paths write n_bands_used (one inference step); checked here for the 1-band model
     for t in (a, b):
         if "n_bands_used" in t.colnames and "flag" in t.colnames:
             ok = np.asarray(t["flag"]) == 0
@@ -146,9 +168,7 @@ def sim1(worker, root):  # requesting the worker first: it starts before anythin
 
 
 def _load(folder):
-    from sedflow_jax.sim import simulate as S
     from sedflow_jax.sim import readers as SR
-    from sedflow_jax.sim import layout
 
     return SR.load_training_set(folder, keep_only=False)
 
@@ -235,8 +255,6 @@ def test_train_devices_reach_fit(sim1, tmp_path, monkeypatch):
     import jax
 
     from sedflow_jax.nn import train as T
-    from sedflow_jax.nn import checkpoint as CK
-    from sedflow_jax.nn import data as TD
 
     seen = []
 
@@ -284,14 +302,32 @@ def plain(stream_setup):
     return Table.read(d / "plain.fits")
 
 
+def test_tiny_posterior_sees_the_photometry(stream_setup, plain):
+    """The test model's answer depends on the fluxes (else the comparisons here could not catch
+    a wrong column): brighter fluxes move every median; absurd ones leave every row ood."""
+    from astropy.table import Table
+
+    d, model, cat = stream_setup
+    for name, scale in (("brighter", 2.0), ("absurd", 1e30)):
+        t = good_catalog()
+        t["flux_sdss_r"] *= scale
+        t["flux_ivar_sdss_r"] /= scale ** 2
+        t.write(d / f"{name}.fits")
+        assert run(["infer", "--model", model, "--catalog", d / f"{name}.fits", *INFER,
+                    "--out", d / f"{name}_out.fits"])[0] == 0
+        got = Table.read(d / f"{name}_out.fits")
+        a, b = filled(got["logmstar_p50"]), filled(plain["logmstar_p50"])
+        with np.errstate(invalid="ignore"):
+            assert not np.any(np.abs(a - b) < 1e-4), name  # NaN (nothing accepted) differs too
+        if name == "absurd":
+            assert np.all(np.asarray(got["ood"]))
+
+
 def test_stream_equals_nonstream_and_finalize(stream_setup, plain, capsys):
     import h5py
     from astropy.table import Table
 
-    from sedflow_jax import parallel as par
-    from sedflow_jax.sbi import sampling as SMP
     from sedflow_jax.sbi import streaming as ST
-    from sedflow_jax.sim import simulate as SIM
 
     d, model, cat = stream_setup
     base = ["infer", "--model", model, "--catalog", cat, *INFER]
@@ -330,10 +366,7 @@ def test_stream_equals_nonstream_and_finalize(stream_setup, plain, capsys):
 
 
 def test_stream_resume(stream_setup, plain, capsys):
-    from sedflow_jax import parallel as par
-    from sedflow_jax.sbi import sampling as SMP
     from sedflow_jax.sbi import streaming as ST
-    from sedflow_jax.sim import simulate as SIM
 
     d, model, cat = stream_setup
     out = d / "resume.h5"

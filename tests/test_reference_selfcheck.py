@@ -1,7 +1,6 @@
 """Sanity tests of the independent NumPy reference model (tests/reference_model.py)."""
 import os
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -220,10 +219,3 @@ def test_derived():
     # SFR over a window longer than t_age = M / (1e9 * delta)
     edges, _, w = R.reference_bin_masses(THETA, z)
     assert R._nmf_mass_fraction_younger_than(20.0, edges, w) == pytest.approx(1.0)
-
-
-def test_speed():
-    R.reference_photometry(THETA, 0.1)  # warm caches
-    t0 = time.perf_counter()
-    R.reference_photometry(THETA, 0.07)
-    assert time.perf_counter() - t0 < 1.0

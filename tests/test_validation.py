@@ -9,6 +9,7 @@ from sedflow_jax.nn import train as T
 from sedflow_jax.nn import checkpoint as CK
 from sedflow_jax.nn import data as TD
 from sedflow_jax.eval.validation import validate_posterior
+from sedflow_jax.sim import prior as P
 
 
 def test_validate_writes_figures_and_summary(tmp_path):
@@ -22,7 +23,7 @@ def test_validate_writes_figures_and_summary(tmp_path):
     for f in ("sbc.png", "coverage.png", "validation.json", "validation.md"):
         assert (tmp_path / "v" / f).stat().st_size > 0
     s = json.loads((tmp_path / "v" / "validation.json").read_text())
-    assert s["n_test"] == 60 and set(s["sbc"]) == set(sj.prior.SAMPLING_NAMES)
+    assert s["n_test"] == 60 and set(s["sbc"]) == set(P.SAMPLING_NAMES)
     cov = np.array(list(s["coverage_95"].values()))
     assert np.all((cov >= 0) & (cov <= 1))
     # stellar mass is well constrained even by a small flow: its 95% interval covers most truths

@@ -4,24 +4,42 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import warnings
 from pathlib import Path
 
+import jax
 import numpy as np
+from astropy.table import Table
 
+from sedflow_jax import mcmc as M
+from sedflow_jax.demo import run_demo
+from sedflow_jax.eval.validation import validate_posterior
+from sedflow_jax.nn import flow as F
+from sedflow_jax.nn import train as T
+from sedflow_jax.sbi.posterior import AmortizedPosterior
+from sedflow_jax.sbi.training import train_posterior
+from sedflow_jax.sed.params import PARAM_NAMES
+from sedflow_jax.sed.units import AB_FNU_CGS, C_ANGSTROM_S, NMGY_ZERO_POINT
+from sedflow_jax.sim import prior as P
+from sedflow_jax.sim import simulate as S
+from sedflow_jax.sim.layout import n_bands_from_x
 from sedflow_jax.sim.readers import ShardDataset
 from sedflow_jax.util import sha256_file
+from sedflow_jax.version import __version__
 
-from .common import (EXAMPLE_THETA, CLIError, get_model, host_split, load_model, mesh_from_args, out_dir,
-                     refuse_existing, write_table)
+from .common import (EXAMPLE_THETA, CLIError, CommandFailed, get_model, host_split, load_model,
+                     mesh_from_args, out_dir, refuse_existing, write_table)
 from .config import CONFIG_NAME, TABLE_CONFIG_KEY, table_record, write_config
+
+
+def ab_mag(nmgy):
+    """AB magnitudes of fluxes in nanomaggies (numpy float64)."""
+    return NMGY_ZERO_POINT - 2.5 * np.log10(np.asarray(nmgy, float))
 
 
 def cmd_photometry(a):
     """theta -> nanomaggies and AB magnitudes (one galaxy from flags, or a table of them)."""
-    from astropy.table import Table
-
-    from sedflow_jax.sed.params import PARAM_NAMES
-
     refuse_existing(a.output, a.overwrite, "--output")
     model = load_model(a)
     if a.input:
@@ -36,7 +54,7 @@ def cmd_photometry(a):
             raise CLIError("give --theta (12 values) and --z, or --input TABLE")
         theta, z = np.asarray([a.theta], float), np.asarray([a.z], float)
     f = np.asarray(model.photometry(theta, z), float)
-    mag = 22.5 - 2.5 * np.log10(f)
+    mag = ab_mag(f)
     if a.output:
         out = Table()
         out[a.z_column] = z
@@ -57,29 +75,20 @@ def cmd_photometry(a):
 
 
 def provenance(model):
-    import sedflow_jax as sj
-
-    return {"sedflow_jax_version": sj.__version__, "ssp_grid": model.grid.name,
+    return {"sedflow_jax_version": __version__, "ssp_grid": model.grid.name,
             "filters": list(model.filter_names), "model_config": repr(model.config)}
 
 
 def cmd_example(a):
     """The main job for now: SED, photometry and derived properties of an example galaxy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from astropy.table import Table
-
-    from sedflow_jax.sed.params import PARAM_NAMES
-
     out = out_dir(a.out, a.overwrite)
-    a.filters = a.filters or ["galex_fuv", "galex_nuv", "sdss_u", "sdss_g", "sdss_r", "sdss_i", "sdss_z"]
+    a.filters = a.filters or ["galex_fuv", "galex_nuv", "sdss_u", "sdss_g", "sdss_r", "sdss_i",
+                              "sdss_z"]
     write_config(out, a)
     model = load_model(a)
     theta = np.asarray(a.theta or EXAMPLE_THETA, float)
     f = np.asarray(model.photometry(theta, a.z), float)
-    mag = 22.5 - 2.5 * np.log10(f)
+    mag = ab_mag(f)
     d = model.derived(theta, a.z)
     sed = model.sed(theta, a.z)
     print(model)
@@ -103,15 +112,24 @@ def cmd_example(a):
                    "nanomaggies": dict(zip(model.filter_names, f.tolist())),
                    "ab_mag": dict(zip(model.filter_names, mag.tolist())),
                    "derived": props, **provenance(model)}, fh, indent=2)
+    plot_example(model, wave, flux, f, theta, a.z, out / "example_sed.png")
+    print(f"wrote {out / 'example_sed.png'}, example_sed.ecsv, example_galaxy.json")
+
+
+def plot_example(model, wave, flux_lambda, phot, theta, z, path):
+    """The example's SED (f_nu in nanomaggies, on the photometry's axis), its synthetic
+    photometry and the filter curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     sel = (wave > 1200) & (wave < 12000)
-    c_ang = 2.99792458e18
-    # f_nu in nanomaggies for the spectrum, to sit on the same axis as the photometry
-    fnu_nmgy = flux[sel] * 1e-17 * wave[sel] ** 2 / c_ang / 3631e-23 * 1e9
+    fnu_nmgy = flux_lambda[sel] * 1e-17 * wave[sel] ** 2 / C_ANGSTROM_S / AB_FNU_CGS * 1e9
     ax.plot(wave[sel], fnu_nmgy, lw=0.6, color="k", label="model SED")
     ax2 = ax.twinx()
-    for i, (flt, fj) in enumerate(zip(model.filters, f)):
+    for i, (flt, fj) in enumerate(zip(model.filters, phot)):
         ax2.fill_between(flt.wave, flt.response / flt.response.max(), alpha=0.15, color=f"C{i}")
         ax.scatter([flt.effective_wavelength], [fj], zorder=5, s=30, color=f"C{i}")
         ax.annotate(flt.name, (flt.effective_wavelength, fj), textcoords="offset points",
@@ -121,19 +139,16 @@ def cmd_example(a):
     ax.set_yscale("log")
     ax.set_xlabel("observed wavelength [Å]")
     ax.set_ylabel("f_ν [nanomaggies]")
-    ax.set_title(f"log M*={theta[0]:g}, z={a.z:g}: SED and synthetic photometry")
+    ax.set_title(f"log M*={theta[0]:g}, z={z:g}: SED and synthetic photometry")
     ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(out / "example_sed.png", dpi=120)
-    print(f"wrote {out / 'example_sed.png'}, example_sed.ecsv, example_galaxy.json")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def cmd_simulate(a):
     """Training set: prior -> photometry -> noise -> x, chunked to disk, resumable; split over
     local devices (--devices) and over hosts (--process-id/--num-processes, --coordinator)."""
-    from sedflow_jax.sim import prior as P
-    from sedflow_jax.sim import simulate as S
-
     if a.n <= 0:
         raise CLIError(f"--n must be > 0, got {a.n}")
     out = Path(a.out)
@@ -173,10 +188,6 @@ def cmd_simulate(a):
 
 def cmd_merge_manifests(a):
     """Join the per-host manifest parts of a training set into manifest.json."""
-    import shutil
-
-    from sedflow_jax.sim import simulate as S
-
     if a.dir is None:
         raise CLIError("give the training-set folder: sedflow-jax merge-manifests DIR")
     dest = Path(a.dir)
@@ -215,10 +226,6 @@ def cmd_merge_manifests(a):
 
 def cmd_train(a):
     """Train SEDflow's flow on a training-set folder (data-parallel over --devices)."""
-    from sedflow_jax.nn import flow as F
-    from sedflow_jax.nn import train as T
-    from sedflow_jax.sbi.training import train_posterior
-
     out = out_dir(a.out, a.overwrite or a.resume)
     mesh = mesh_from_args(a)
     fc = None
@@ -226,8 +233,6 @@ def cmd_train(a):
         src = ShardDataset(a.data)  # the flow's dimensions come from the training set
         dims = (src.d_theta, src.d_context)
         if a.band_dropout is not None:  # mask-aware context: + one 0/1 mask column per band
-            from sedflow_jax.sim.layout import n_bands_from_x
-
             dims = (src.d_theta, src.d_context + n_bands_from_x(src.d_context))
         if a.preset == "paper":
             fc = F.FlowConfig.paper(*dims)
@@ -246,9 +251,6 @@ def cmd_train(a):
 
 def cmd_validate(a):
     """p-p / SBC calibration of a trained model on fresh mock galaxies."""
-    from sedflow_jax.sbi.posterior import AmortizedPosterior
-    from sedflow_jax.eval.validation import validate_posterior
-
     out = out_dir(a.out, a.overwrite)
     write_config(out, a)
     post = AmortizedPosterior.load(a.model)
@@ -271,8 +273,6 @@ def enable_compile_cache(path) -> None:
     600 steps: 13.6 s -> 9.5 s) and ~7 s for sequential NUTS. (Parallel NUTS chains embed the
     galaxy's data in the program, so they compile per galaxy anyway.)
     """
-    import jax
-
     if path is None or str(path).lower() == "none" or jax.config.jax_compilation_cache_dir:
         return
     Path(path).mkdir(parents=True, exist_ok=True)
@@ -280,17 +280,17 @@ def enable_compile_cache(path) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
-def cmd_mcmc(a):
-    """NUTS / ESS / AIES on catalog rows: samples, ArviZ netCDF, R-hat/ESS summary."""
-    from sedflow_jax import mcmc as M
-
+def parse_rows(text: str) -> list:
+    """``--rows``: ``START:STOP`` or a single row."""
     try:
-        lo, _, hi = a.rows.partition(":")
-        rows = list(range(int(lo or 0), int(hi))) if _ else [int(lo)]
+        lo, colon, hi = text.partition(":")
+        return list(range(int(lo or 0), int(hi))) if colon else [int(lo)]
     except ValueError as exc:
-        raise CLIError(f"--rows must look like 0:10 or 3, got {a.rows!r}") from exc
-    if Path(a.out).exists() and any(Path(a.out).iterdir()) and not (a.overwrite or a.resume):
-        raise CLIError(f"{a.out} exists and is not empty (use --resume or --overwrite)")
+        raise CLIError(f"--rows must look like 0:10 or 3, got {text!r}") from exc
+
+
+def mcmc_run_kw(a) -> dict:
+    """The runner's keywords from the flags (only those given)."""
     kw = {k: v for k, v in (("num_chains", a.chains), ("num_samples", a.samples),
                             ("num_warmup", a.warmup)) if v is not None}
     if a.max_tree_depth is not None:
@@ -299,35 +299,53 @@ def cmd_mcmc(a):
         if a.max_tree_depth < 1:
             raise CLIError(f"--max-tree-depth must be >= 1, got {a.max_tree_depth}")
         kw["max_tree_depth"] = a.max_tree_depth
+    return kw
+
+
+def split_cpu(a) -> None:
+    """--cpu-devices (default: one per NUTS chain, 1 for the ensembles)."""
     n_chains = a.chains if a.chains is not None else M.default_num_chains(a.sampler)
     n_dev = a.cpu_devices if a.cpu_devices is not None else (
         n_chains if a.sampler == "nuts" else 1)
     if n_dev < 1:
         raise CLIError(f"--cpu-devices must be >= 1, got {n_dev}")
-    if n_dev > 1:
-        import warnings
+    if n_dev <= 1:
+        return
+    with warnings.catch_warnings():  # too late when JAX already ran (library use): keep
+        warnings.simplefilter("ignore", RuntimeWarning)
+        n_have = M.set_cpu_devices(n_dev)
+    if a.sampler == "nuts":
+        how = ("in parallel" if M.default_chain_method("nuts", n_chains) == "parallel"
+               else "one after another")
+        print(f"NUTS: {n_chains} chains {how} ({n_have} JAX devices)")
 
-        with warnings.catch_warnings():  # too late when JAX already ran (library use): keep
-            warnings.simplefilter("ignore", RuntimeWarning)
-            n_have = M.set_cpu_devices(n_dev)
-        if a.sampler == "nuts":
-            how = ("in parallel" if M.default_chain_method("nuts", n_chains) == "parallel"
-                   else "one after another")
-            print(f"NUTS: {n_chains} chains {how} ({n_have} JAX devices)")
+
+def cmd_mcmc(a):
+    """NUTS / ESS / AIES on catalog rows: samples, ArviZ netCDF, R-hat/ESS summary. Exits 1
+    when every galaxy failed."""
+    rows = parse_rows(a.rows)
+    if Path(a.out).exists() and any(Path(a.out).iterdir()) and not (a.overwrite or a.resume):
+        raise CLIError(f"{a.out} exists and is not empty (use --resume or --overwrite)")
+    kw = mcmc_run_kw(a)
+    split_cpu(a)
     enable_compile_cache(a.compile_cache or default_compile_cache())
     model = get_model(None, a.filters, a.z_max) if a.filters else None
     Path(a.out).mkdir(parents=True, exist_ok=True)
     write_config(a.out, a)
     t = M.run_mcmc_catalog(a.catalog, rows, a.sampler, a.out, model=model, key=a.seed,
                            gamma_density=a.gamma_density, resume=a.resume, **kw)
-    ok = int((t["status"] == "ok").sum())
-    print(f"{ok}/{len(t)} galaxies fit with {a.sampler}; summary in {a.out}/summary.ecsv")
+    n, ok = len(t), int((t["status"] == "ok").sum()) if len(t) else 0
+    failed = n - ok
+    where = f"{a.out}/summary.ecsv"
+    print(f"{ok}/{n} galaxies fit with {a.sampler}; {failed} failed"
+          + (f": see {where} status" if failed else f"; summary in {where}"))
+    if n and not ok:
+        raise CommandFailed(f"every galaxy failed ({n} of {n}); the errors are in {where} "
+                            "(column error)")
 
 
 def cmd_demo(a):
     """The whole pipeline on the embedded grid (see sedflow_jax.demo)."""
-    from sedflow_jax.demo import run_demo
-
     out = out_dir(a.out, a.overwrite)
     write_config(out, a)
     run_demo(out, a.size, seed=a.seed, progress=not a.quiet)

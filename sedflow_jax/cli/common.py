@@ -3,25 +3,33 @@ from __future__ import annotations
 
 import argparse
 import functools
+import warnings
 from pathlib import Path
 
-
+from sedflow_jax import parallel as par
 from sedflow_jax.io.tables import HDF5_EXTENSIONS
+from sedflow_jax.sed import model as sed_model
 
 
 class CLIError(Exception):
     """A user error: printed as one line, exit code 2."""
 
 
+class CommandFailed(Exception):
+    """The command ran but its work failed (e.g. every galaxy of an MCMC run): printed as one
+    line, exit code 1."""
+
+
 EXAMPLE_THETA = [10.5, 0.25, 0.25, 0.25, 0.25, 0.1, 2.0, 1e-3, 1e-3, 0.5, 0.5, -0.3]
 
 
-def write_table(t, path, overwrite):
-    """astropy Table.write, FITS header warnings (long keys, dict meta) silenced."""
-    import warnings
-
-    kw = {"path": "summary", "serialize_meta": True} if str(path).lower().endswith(
-        HDF5_EXTENSIONS) else {}
+def write_table(t, path, overwrite, *, format=None):
+    """astropy Table.write, FITS header warnings (long keys, dict meta) silenced. ``format``:
+    astropy's format name (needed for a temporary name without the target's extension)."""
+    hdf5 = format == "hdf5" if format else str(path).lower().endswith(HDF5_EXTENSIONS)
+    kw = {"path": "summary", "serialize_meta": True} if hdf5 else {}
+    if format:
+        kw["format"] = format
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*HIERARCH.*")
         warnings.filterwarnings("ignore", message=".*cannot be added to FITS Header.*")
@@ -52,8 +60,6 @@ def mesh_from_args(a):
     dev = getattr(a, "devices", None)
     if dev is None or dev == 1:
         return None
-    from sedflow_jax import parallel as par
-
     try:
         return par.make_mesh(None if dev == "all" else dev)
     except ValueError as exc:
@@ -80,8 +86,6 @@ def host_split(a):
     if n is not None and p is not None and not 0 <= p < n:
         raise CLIError(f"need 0 <= --process-id < --num-processes, got {p} and {n}")
     if a.coordinator or a.distributed:
-        from sedflow_jax import parallel as par
-
         try:
             pidx, pcount = par.initialize(a.coordinator, num_processes=n, process_id=p)
         except Exception as exc:  # noqa: BLE001 -- connection errors of any kind
@@ -102,7 +106,8 @@ def out_dir(path, overwrite):
 
 
 def model_args(ap):
-    ap.add_argument("--grid", default=None, help="SSP grid: .npz (ours) or .h5 (DSPS); default: shipped BC03")
+    ap.add_argument("--grid", default=None,
+                    help="SSP grid: .npz (ours) or .h5 (DSPS); default: shipped BC03")
     ap.add_argument("--filters", nargs="+", default=None,
                     help="filter names (default sdss_u..sdss_z); shipped, speclite names")
     ap.add_argument("--z-max", type=float, default=1.0, help="largest redshift the model accepts")
@@ -112,10 +117,8 @@ def model_args(ap):
 def cached_model(grid, filters, z_max):
     """load_model, memoised: several commands run in one process (tests, scripts calling
     ``main``) share the model and hence its compiled kernels."""
-    import sedflow_jax as sj
-
-    return sj.load_model(grid=grid, filters=None if filters is None else list(filters),
-                         z_max=z_max)
+    return sed_model.load_model(grid=grid, filters=None if filters is None else list(filters),
+                                z_max=z_max)
 
 
 def get_model(grid=None, filters=None, z_max=1.0):

@@ -5,12 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
+import tomllib
 from pathlib import Path
 
 import numpy as np
+from astropy.table import Table
 
 from sedflow_jax.io.tables import HDF5_EXTENSIONS
+from sedflow_jax.util import atomic_write_bytes
+from sedflow_jax.version import __version__
 
 from .common import CLIError
 
@@ -108,8 +113,6 @@ def read_recorded_config(path: Path, command: str) -> dict:
                     return json.loads(f.attrs[H5_CONFIG_ATTR])
         except OSError as exc:
             raise CLIError(f"--config {path}: not a readable HDF5 file ({exc})") from exc
-    from astropy.table import Table
-
     try:
         meta = Table.read(path, **({"path": "summary"} if path.suffix.lower() in HDF5_EXTENSIONS
                                    else {})).meta
@@ -126,8 +129,6 @@ def read_recorded_config(path: Path, command: str) -> dict:
 
 
 def read_toml(path: Path) -> dict:
-    import tomllib
-
     try:
         with open(path, "rb") as fh:
             return tomllib.load(fh)
@@ -150,12 +151,9 @@ def load_config(path, command: str) -> dict:
     ver = doc.pop("sedflow_jax_version", None)
     if cmd is not None and cmd != command:
         raise CLIError(f"--config {p} records a `{cmd}` run, not `{command}`")
-    if ver is not None:
-        import sedflow_jax as sj
-
-        if str(ver) != sj.__version__:
-            print(f"sedflow-jax {command}: note: {p} was recorded with sedflow_jax {ver}, "
-                  f"this is {sj.__version__}", file=sys.stderr)
+    if ver is not None and str(ver) != __version__:
+        print(f"sedflow-jax {command}: note: {p} was recorded with sedflow_jax {ver}, "
+              f"this is {__version__}", file=sys.stderr)
     subs = set(SUBCOMMANDS) | {s.replace("-", "_") for s in SUBCOMMANDS}
     section = {}
     for name in (command, command.replace("-", "_")):
@@ -221,28 +219,22 @@ def toml_value(v) -> str:
 
 
 def toml_key(k: str) -> str:
-    import re
-
     return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else json.dumps(k)
 
 
 def dump_config(values: dict, command: str, *, comment: str = "") -> str:
     """TOML text of a run's configuration (readable back with ``--config``)."""
-    import sedflow_jax as sj
-
     lines = [f"# sedflow-jax {command} configuration{(' ' + comment) if comment else ''}",
              f"# reproduce: sedflow-jax {command} --config THIS_FILE  (flags override it)",
              f"command = {toml_value(command)}",
-             f"sedflow_jax_version = {toml_value(sj.__version__)}"]
+             f"sedflow_jax_version = {toml_value(__version__)}"]
     lines += [f"{toml_key(k)} = {toml_value(v)}" for k, v in values.items()]
     return "\n".join(lines) + "\n"
 
 
 def record(a) -> dict:
     """What is stored with an output: command, package version and every option."""
-    import sedflow_jax as sj
-
-    return {"command": a.command, "sedflow_jax_version": sj.__version__,
+    return {"command": a.command, "sedflow_jax_version": __version__,
             **resolved_config(a, a.command)}
 
 
@@ -252,9 +244,7 @@ def write_config(folder, a, name: str = CONFIG_NAME) -> Path:
     cfg.pop("command"), cfg.pop("sedflow_jax_version")
     text = dump_config(cfg, a.command, comment=f"(cwd {os.getcwd()})")
     p = Path(folder) / name
-    tmp = p.with_name(f"{p.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, p)
+    atomic_write_bytes(p, text.encode())
     return p
 
 

@@ -1,4 +1,10 @@
-"""`infer` (plain and ``--stream``) and `finalize`: posteriors for catalogs."""
+"""`infer` (plain and ``--stream``) and `finalize`: posteriors for catalogs.
+
+Wiring only: the flags become one :class:`~sedflow_jax.io.catalog.ColumnSpec`; the plain run
+calls :func:`~sedflow_jax.sbi.inference.infer_catalog`, ``--stream`` calls
+:func:`~sedflow_jax.sbi.streaming.infer_catalog_streaming` (both fit rows with the same
+:func:`~sedflow_jax.sbi.inference.infer_rows`); the outputs are written all-or-nothing.
+"""
 from __future__ import annotations
 
 import json
@@ -7,24 +13,98 @@ from pathlib import Path
 
 import numpy as np
 
+from sedflow_jax.io import catalog as C
 from sedflow_jax.io.tables import HDF5_EXTENSIONS, CatalogReader
 from sedflow_jax.sbi import streaming as ST
-from sedflow_jax.util import atomic_write_json
+from sedflow_jax.sbi.inference import infer_catalog
+from sedflow_jax.sbi.posterior import AmortizedPosterior
+from sedflow_jax.sed.params import PARAM_NAMES
+from sedflow_jax.util import atomic_output, atomic_write_json
+from sedflow_jax.version import __version__
 
 from .common import CLIError, get_model, host_split, mesh_from_args, refuse_existing, write_table
 from .config import H5_CONFIG_ATTR, TABLE_CONFIG_KEY, record, table_record
 
+FLAG_SLUGS = {1: "nonfinite", 2: "flux_le0", 4: "ivar_le0", 8: "z_range", 16: "sentinel",
+              32: "low_snr", 64: "too_few_bands", 128: "noise_oos"}
 
+
+# ---------------------------------------------------------------------------------------------
+# shared by both paths
+# ---------------------------------------------------------------------------------------------
+def check_infer_args(a) -> None:
+    """Refuse impossible sizes before any work (one line, exit 2)."""
+    for flag, value, least in (("--n-samples", a.n_samples, 1), ("--max-rounds", a.max_rounds, 1),
+                               ("--n-derived", a.n_derived, 0),
+                               ("--chunk-rows", getattr(a, "chunk_rows", 1), 1)):
+        if value is not None and value < least:
+            raise CLIError(f"{flag} must be >= {least}, got {value}")
+
+
+#: columns copied to the output when --keep-columns is not given (those the catalog has)
+DEFAULT_KEEP_COLUMNS = ("id", "ID", "RA", "DEC", "z")
+
+
+def keep_columns(a, colnames) -> list:
+    """The --keep-columns to copy: the default list keeps those the catalog has; names given
+    explicitly must all exist (an unknown name is refused, not silently dropped)."""
+    if a.keep_columns is None:
+        return [c for c in DEFAULT_KEEP_COLUMNS if c in colnames]
+    given = list(a.keep_columns)
+    missing = [c for c in given if c not in colnames]
+    if missing:
+        raise CLIError(f"--keep-columns: {a.catalog} has no column(s) {missing} (it has "
+                       f"{list(colnames)[:20]})")
+    return given
+
+
+def column_spec(a, colnames) -> C.ColumnSpec:
+    """The catalog layout the flags describe (the one spec of both inference paths)."""
+    return C.ColumnSpec(flux_fmt=a.flux_fmt, ivar_fmt=a.ivar_fmt, z_col=a.z_column,
+                        vector_flux=a.vector_flux, vector_ivar=a.vector_ivar,
+                        extinction=a.extinction, snr_floor=a.snr_floor,
+                        keep=keep_columns(a, colnames))
+
+
+def derived_model(a, post):
+    return get_model(None, post.bands, max(post.prior.zmax, 1e-3)) if a.n_derived > 0 else None
+
+
+def flag_meta(flag) -> dict:
+    """FITS-friendly scalar counts of a flag column: n_rows, n_usable, n_flag_<reason>."""
+    flag = np.asarray(flag, np.int64)
+    d = {"n_rows": int(flag.size), "n_usable": int((flag == 0).sum())}
+    for bit in sorted(C.FLAG_NAMES):
+        d[f"n_flag_{FLAG_SLUGS.get(bit, f'bit{bit}')}"] = int(((flag & bit) > 0).sum())
+    return d
+
+
+def flagged_text(counts) -> str:
+    """'name n, ...' of the nonzero flag counts of :func:`flag_meta`."""
+    out = []
+    for b in sorted(C.FLAG_NAMES):
+        k = counts.get(f"n_flag_{FLAG_SLUGS.get(b, f'bit{b}')}")
+        if k:
+            out.append(f"{C.FLAG_NAMES[b]} {k}")
+    return ", ".join(out)
+
+
+def print_counts(counts, stats=None):
+    line = (f"{counts['n_rows']} rows: {counts['n_usable']} usable; flagged: "
+            f"{flagged_text(counts) or 'none'}")
+    if stats:
+        ma = stats.get("mean_acceptance")
+        line += (f"; mean acceptance {ma:.3f}" if ma is not None else "") + \
+            f"; low acceptance {stats.get('low_acceptance')}; out of support {stats.get('ood')}"
+    print(line)
+
+
+# ---------------------------------------------------------------------------------------------
+# plain `infer`: one table in memory
+# ---------------------------------------------------------------------------------------------
 def cmd_infer(a):
     """Posterior samples and summaries for every usable row of a catalog."""
-    import jax
-    from astropy.table import hstack
-
-    import sedflow_jax as sj
-    from sedflow_jax.io import catalog as C
-    from sedflow_jax.sbi.posterior import AmortizedPosterior
-    from sedflow_jax.sbi.summary import summarize
-
+    check_infer_args(a)
     if a.stream:
         return infer_stream(a)
     refuse_existing(a.out, a.overwrite)
@@ -33,66 +113,58 @@ def cmd_infer(a):
             or a.coordinator or a.distributed:
         raise CLIError("--devices, --process-id, --num-processes, --coordinator and "
                        "--distributed need --stream")
+    fmt = table_format(a.out)
+    for flag, path in (("--out", a.out), ("--samples", a.samples)):
+        if path is not None and not Path(path).resolve().parent.is_dir():
+            raise CLIError(f"{flag} {path}: folder {Path(path).parent} does not exist")
     post = AmortizedPosterior.load(a.model)
-    zr = (post.prior.zmin, post.prior.zmax)
-    from sedflow_jax.sbi.inference import noise_ood_rows, prepare_catalog, scatter_rows
-
-    catalog = C.read_table(a.catalog)  # read once: photometry and the kept columns
-    read_kw = {k: v for k, v in (("vector_flux", a.vector_flux), ("vector_ivar", a.vector_ivar),
-                                 ("extinction", a.extinction)) if v}
-    ph, x, use, mrep = prepare_catalog(post, catalog, snr_floor=a.snr_floor,
-                                       noise_policy=a.noise_policy, flux_fmt=a.flux_fmt,
-                                       ivar_fmt=a.ivar_fmt, z_col=a.z_column, **read_kw)
-    print(f"{len(use)} rows: {int(use.sum())} usable ({mrep['n_rows_fit_with_masked_bands']} "
-          "with masked bands); flagged: "
-          + ", ".join(f"{k} {v}" for k, v in mrep["row_flag_counts"].items() if v))
-    if not use.any():
-        raise CLIError(f"{a.catalog}: no usable row of {len(use)} (flagged: "
-                       + ", ".join(f"{k} {v}" for k, v in ph.counts.items() if k != "usable"
-                                   and v) + "); nothing written")
-    key = jax.random.key(a.seed)
-    s = post.sample_batched(key, x[use], a.n_samples, max_rounds=a.max_rounds,
-                            mask=ph.mask[use] if post.mask_aware else None)
-    model = get_model(None, post.bands, max(zr[1], 1e-3))
-    summ = summarize(s, model=model if a.n_derived > 0 else None, z=ph.z[use],
-                     n_derived=a.n_derived)
-    full = scatter_rows(summ, use, len(use))
-    full["flag"] = ph.flag
-    full["n_bands_used"] = ph.mask.sum(1)
-    full["ood"] |= ((ph.flag & (C.FLAG_Z_RANGE | C.FLAG_NOISE_OOS)) > 0) | noise_ood_rows(ph)
-    keep_cols = [c for c in a.keep_columns if c in catalog.colnames]
-    if keep_cols:
-        full = hstack([catalog[keep_cols], full])
-    full.meta.update({"model": str(a.model), "n_samples": a.n_samples, "seed": a.seed,
-                      "sedflow_jax_version": sj.__version__, "flag_counts": ph.counts,
-                      **flag_meta(ph.flag), TABLE_CONFIG_KEY: table_record(a)})
-    write_table(full, a.out, a.overwrite)
-    if a.samples:
-        import h5py
-
-        with h5py.File(a.samples, "w") as f:
-            f["theta"] = s.theta
-            f["rows"] = np.flatnonzero(use)
-            f.attrs["param_names"] = list(sj.PARAM_NAMES)
+    catalog = C.read_table(a.catalog)
+    res = infer_catalog(post, catalog, column_spec(a, catalog.colnames), key=a.seed,
+                        n_samples=a.n_samples, n_derived=a.n_derived,
+                        model=derived_model(a, post), derived=a.n_derived > 0,
+                        noise_policy=a.noise_policy, max_rounds=a.max_rounds)
+    t, s = res.table, res.samples
+    counts = flag_meta(t["flag"])
+    if not res.rows.size:
+        raise CLIError(f"{a.catalog}: no usable row of {len(t)} (flagged: "
+                       f"{flagged_text(counts)}); nothing written")
+    t.meta.clear()
+    t.meta.update({"model": str(a.model), "n_samples": a.n_samples, "seed": a.seed,
+                   "sedflow_jax_version": __version__, "flag_counts": res.photometry.counts,
+                   **counts, TABLE_CONFIG_KEY: table_record(a)})
+    with atomic_output(a.out, a.samples) as (tmp_out, tmp_samples):
+        write_table(t, tmp_out, True, format=fmt)
+        if tmp_samples is not None:
+            write_samples(tmp_samples, s.theta, res.rows)
+    print_counts(counts)
     print(f"wrote {a.out}; mean acceptance {np.mean(s.acceptance):.3f}; "
           f"low acceptance {int(s.low_acceptance.sum())}; out of support {int(s.ood.sum())}")
 
 
-FLAG_SLUGS = {1: "nonfinite", 2: "flux_le0", 4: "ivar_le0", 8: "z_range", 16: "sentinel",
-               32: "low_snr", 64: "too_few_bands", 128: "noise_oos"}
+def table_format(path) -> str:
+    """astropy's table format for an output path (from its extension), checked before work."""
+    from astropy.io import registry
+    from astropy.table import Table
+
+    fmts = registry.identify_format("write", Table, str(path), None, [], {})
+    if not fmts:
+        raise CLIError(f"--out {path}: no table format for this extension (use .fits, .ecsv, "
+                       ".csv, .h5, ...)")
+    return sorted(fmts, key=lambda f: (not f.startswith(("fits", "ascii", "hdf5")), f))[0]
 
 
-def flag_meta(flag) -> dict:
-    """FITS-friendly scalar counts of a flag column: n_rows, n_usable, n_flag_<reason>."""
-    from sedflow_jax.io import catalog as C
+def write_samples(path, theta, rows) -> None:
+    import h5py
 
-    flag = np.asarray(flag, np.int64)
-    d = {"n_rows": int(flag.size), "n_usable": int((flag == 0).sum())}
-    for bit in sorted(C.FLAG_NAMES):
-        d[f"n_flag_{FLAG_SLUGS.get(bit, f'bit{bit}')}"] = int(((flag & bit) > 0).sum())
-    return d
+    with h5py.File(path, "w") as f:
+        f["theta"] = theta
+        f["rows"] = rows
+        f.attrs["param_names"] = list(PARAM_NAMES)
 
 
+# ---------------------------------------------------------------------------------------------
+# `infer --stream` and `finalize`
+# ---------------------------------------------------------------------------------------------
 def h5_flags(path) -> np.ndarray:
     """The flag column of a streaming-inference output, read in slices."""
     import h5py
@@ -116,28 +188,7 @@ def annotate_h5(path, record):
     return counts
 
 
-def print_counts(counts, stats=None):
-    from sedflow_jax.io import catalog as C
-
-    flagged = []
-    for b in sorted(C.FLAG_NAMES):
-        k = counts.get(f"n_flag_{FLAG_SLUGS.get(b, f'bit{b}')}")
-        if k:
-            flagged.append(f"{C.FLAG_NAMES[b]} {k}")
-    line = (f"{counts['n_rows']} rows: {counts['n_usable']} usable; flagged: "
-            f"{', '.join(flagged) or 'none'}")
-    if stats:
-        ma = stats.get("mean_acceptance")
-        line += (f"; mean acceptance {ma:.3f}" if ma is not None else "") + \
-            f"; low acceptance {stats.get('low_acceptance')}; out of support {stats.get('ood')}"
-    print(line)
-
-
-def infer_stream(a):
-    """`infer --stream`: chunked, resumable, over devices / hosts, into one HDF5 file."""
-    from sedflow_jax.sbi.posterior import AmortizedPosterior
-
-    out = Path(a.out)
+def check_stream_out(a, out: Path) -> None:
     if out.suffix.lower() not in HDF5_EXTENSIONS:
         raise CLIError(f"--stream writes one HDF5 file: give --out NAME.h5, not {out.name} "
                        "(then `sedflow-jax finalize NAME.h5 --out TABLE` exports any table "
@@ -147,34 +198,43 @@ def infer_stream(a):
                        "--store-samples (the draws go to samples/theta in --out)")
     if not Path(a.catalog).exists():
         raise CLIError(f"--catalog {a.catalog}: no such file")
+
+
+def refuse_stream_existing(a, out: Path, multi: bool) -> None:
     parts = Path(str(out) + ".parts")
-    hosts, dist = host_split(a)
-    multi = hosts is not None and hosts[1] > 1
     if not (a.resume or a.overwrite or multi) and (out.exists() or parts.exists()):
         raise CLIError(f"{out if out.exists() else parts} exists (use --resume to continue a "
                        "killed run or reuse a finished one, --overwrite to start again)")
+
+
+def infer_stream(a):
+    """`infer --stream`: chunked, resumable, over devices / hosts, into one HDF5 file."""
+    out = Path(a.out)
+    check_stream_out(a, out)
+    hosts, dist = host_split(a)
+    multi = hosts is not None and hosts[1] > 1
+    refuse_stream_existing(a, out, multi)
     post = AmortizedPosterior.load(a.model)
     cat = CatalogReader(a.catalog)
     try:
-        colnames = list(cat.colnames)
+        spec = column_spec(a, list(cat.colnames))
     finally:
         cat.close()
-    keep = [c for c in a.keep_columns if c in colnames]
-    zmax = post.prior.zmax
-    model = get_model(None, post.bands, max(zmax, 1e-3)) if a.n_derived > 0 else None
     kw = dict(n_samples=a.n_samples, key=a.seed, chunk_rows=a.chunk_rows,
-              max_rounds=a.max_rounds, model=model, n_derived=a.n_derived,
-              store_samples=a.store_samples, keep_columns=keep, flux_fmt=a.flux_fmt,
-              ivar_fmt=a.ivar_fmt, z_col=a.z_column, overwrite=a.overwrite,
-              progress=not a.quiet)
-    mesh = mesh_from_args(a)
+              max_rounds=a.max_rounds, model=derived_model(a, post), n_derived=a.n_derived,
+              store_samples=a.store_samples, noise_policy=a.noise_policy,
+              overwrite=a.overwrite, progress=not a.quiet, mesh=mesh_from_args(a))
     if dist:
-        res = ST.infer_distributed(post, a.catalog, out, mesh=mesh, keep_parts=a.keep_parts,
-                                    **kw)
+        res = ST.infer_distributed(post, a.catalog, out, spec=spec, keep_parts=a.keep_parts,
+                                   **kw)
     else:
-        res = ST.infer_catalog_streaming(post, a.catalog, out, mesh=mesh, hosts=hosts,
-                                          keep_parts=a.keep_parts if a.keep_parts else None,
-                                          **kw)
+        res = ST.infer_catalog_streaming(post, a.catalog, out, spec, hosts=hosts,
+                                         keep_parts=a.keep_parts if a.keep_parts else None,
+                                         **kw)
+    report_stream(a, res, out, hosts, multi)
+
+
+def report_stream(a, res, out: Path, hosts, multi: bool) -> None:
     rec = record(a)
     who = f"host {hosts[0]} of {hosts[1]}: " if multi else ""
     if os.path.isdir(res.parts):
@@ -182,6 +242,7 @@ def infer_stream(a):
         atomic_write_json(os.path.join(res.parts, name), rec, sort_keys=True)
     print(f"{who}{res.chunks_computed} chunk(s) of {res.chunk_rows} rows computed here; "
           f"{res.n_chunks} in all for {res.n_rows} rows")
+    parts = Path(str(out) + ".parts")
     if res.finalized and out.exists():
         import h5py
 
@@ -217,37 +278,47 @@ def cmd_finalize(a):
         refuse_existing(a.out, a.overwrite)
         if Path(a.out).resolve() == h5.resolve():
             raise CLIError(f"--out {a.out} is the HDF5 output itself; choose another path")
+    rec, counts = assemble(a, h5, parts)
+    t, _ = ST.read_inference(h5)
+    stats = t.meta["stats"]
+    print_counts(counts, stats)
+    if a.out is not None:
+        export_table(a, t, stats, counts, rec)
+
+
+def assemble(a, h5: Path, parts: Path):
+    """-> (recorded `infer` configuration or None, flag counts) of an assembled output."""
     if parts.is_dir():
         rec = parts_record(parts)
         ST.finalize_inference(h5, keep_parts=a.keep_parts)
         counts = annotate_h5(h5, rec)
         print(f"assembled {h5}" + ("" if a.keep_parts else f"; removed {parts}"))
-    elif h5.is_file():
-        import h5py
-
-        with h5py.File(h5, "r") as f:
-            rec = json.loads(f.attrs[H5_CONFIG_ATTR]) if H5_CONFIG_ATTR in f.attrs else None
-            counts = json.loads(f.attrs["flag_counts"]) if "flag_counts" in f.attrs else None
-        if counts is None:
-            counts = annotate_h5(h5, rec)
-        print(f"{h5} is already assembled")
-    else:
+        return rec, counts
+    if not h5.is_file():
         raise CLIError(f"{a.path}: neither a streaming-inference output nor its .parts folder")
-    t, _ = ST.read_inference(h5)
-    stats = t.meta["stats"]
-    print_counts(counts, stats)
-    if a.out is not None:
-        for c in t.colnames:
-            if t[c].dtype.kind == "S":
-                t[c] = np.char.decode(np.asarray(t[c]), "utf-8")
-        run = t.meta.pop("run")
-        t.meta.clear()
-        t.meta.update({"sedflow_jax_version": run.get("sedflow_jax_version") or
-                       record(a)["sedflow_jax_version"],
-                       "n_samples": run["config"]["n_samples"], "stats": json.dumps(stats),
-                       "run_config_sha256": run["config_sha256"], **counts,
-                       TABLE_CONFIG_KEY: table_record(a)})
-        if rec is not None:
-            t.meta["SJINFER"] = json.dumps(rec, allow_nan=True)
-        write_table(t, a.out, a.overwrite)
-        print(f"wrote {a.out} ({len(t)} rows)")
+    import h5py
+
+    with h5py.File(h5, "r") as f:
+        rec = json.loads(f.attrs[H5_CONFIG_ATTR]) if H5_CONFIG_ATTR in f.attrs else None
+        counts = json.loads(f.attrs["flag_counts"]) if "flag_counts" in f.attrs else None
+    if counts is None:
+        counts = annotate_h5(h5, rec)
+    print(f"{h5} is already assembled")
+    return rec, counts
+
+
+def export_table(a, t, stats, counts, rec) -> None:
+    for c in t.colnames:
+        if t[c].dtype.kind == "S":
+            t[c] = np.char.decode(np.asarray(t[c]), "utf-8")
+    run = t.meta.pop("run")
+    t.meta.clear()
+    t.meta.update({"sedflow_jax_version": run.get("sedflow_jax_version") or
+                   record(a)["sedflow_jax_version"],
+                   "n_samples": run["config"]["n_samples"], "stats": json.dumps(stats),
+                   "run_config_sha256": run["config_sha256"], **counts,
+                   TABLE_CONFIG_KEY: table_record(a)})
+    if rec is not None:
+        t.meta["SJINFER"] = json.dumps(rec, allow_nan=True)
+    write_table(t, a.out, a.overwrite)
+    print(f"wrote {a.out} ({len(t)} rows)")

@@ -4,18 +4,19 @@ from __future__ import annotations
 import os
 import sys
 
-
 from sedflow_jax.io.catalog import CatalogError
 from sedflow_jax.sed.model import ModelInputError
 from sedflow_jax.sed.photometry import FilterError
 from sedflow_jax.sed.ssp import SSPGridError
 
-from .common import CLIError
+from .common import CLIError, CommandFailed
 from .config import apply_config, dump_config, load_config, resolved_config
 from .parser import build_parser
 
 
 def main(argv=None):
+    """Run one subcommand; returns the exit code: 0 done, 1 the work failed (e.g. every
+    galaxy of an MCMC run), 2 a user error (one line on stderr)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((t for t in argv if not t.startswith("-")), None)
     try:
@@ -24,6 +25,9 @@ def main(argv=None):
             sys.stdout.write(dump_config(resolved_config(a, a.command), a.command))
             return 0
         a.func(a)
+    except CommandFailed as exc:
+        print(f"sedflow-jax {command}: {exc}", file=sys.stderr)
+        return 1
     except (CLIError, ModelInputError, FilterError, SSPGridError, CatalogError, OSError,
             ValueError, KeyError) as exc:
         if os.environ.get("SEDFLOW_JAX_DEBUG"):
@@ -37,22 +41,22 @@ def parse(argv, command):
     """Parse the command line; with --config, the file's values are the defaults (so flags
     given on the command line override them)."""
     ap = build_parser()
-    if command not in ap._sj_subparsers or any(t in ("-h", "--help") for t in argv):
+    if command not in ap.sj_subparsers or any(t in ("-h", "--help") for t in argv):
         return _with_subparser(ap.parse_args(argv), ap)
     # first pass, nothing required: where is the config file? (abbreviations work too)
     pre = build_parser()
-    for act in pre._sj_subparsers[command]._actions:
+    for act in pre.sj_subparsers[command]._actions:
         act.required = False
     ns, _ = pre.parse_known_args(argv)
     if ns.config is not None:
         values = load_config(ns.config, command)
-        apply_config(ap._sj_subparsers[command], command, values, f"--config {ns.config}")
+        apply_config(ap.sj_subparsers[command], command, values, f"--config {ns.config}")
     return _with_subparser(ap.parse_args(argv), ap)
 
 
 def _with_subparser(a, ap):
     """The parsed namespace with its subcommand's parser attached (``a.subparser``: the
     recorded configuration lists that parser's options)."""
-    if getattr(a, "command", None) in ap._sj_subparsers:
-        a.subparser = ap._sj_subparsers[a.command]
+    if getattr(a, "command", None) in ap.sj_subparsers:
+        a.subparser = ap.sj_subparsers[a.command]
     return a

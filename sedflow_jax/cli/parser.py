@@ -1,32 +1,58 @@
-"""The argument parser: one function per subcommand."""
+"""The argument parser: one function per subcommand (``add_<name>(sub)``), shared option
+helpers, and the ``--config`` / ``--dump-config`` group every subcommand has."""
 from __future__ import annotations
 
 import argparse
 
-
 from .commands import (cmd_demo, cmd_example, cmd_mcmc, cmd_merge_manifests, cmd_photometry,
                        cmd_simulate, cmd_train, cmd_validate)
 from .common import devices_type, host_args, model_args
-
 from .infer import cmd_finalize, cmd_infer
 
+DESCRIPTION = ("`sedflow-jax` command line: the PROVABGS SED model, SEDflow training sets, "
+               "amortized posteriors for catalogs, MCMC, calibration and the demo.")
 
-DESCRIPTION = ("`sedflow-jax` command line: the PROVABGS SED model, SEDflow training sets, amortized "
-               "posteriors for catalogs, MCMC, calibration and the demo.")
+
+# ---------------------------------------------------------------------------------------------
+# shared options
+# ---------------------------------------------------------------------------------------------
+def flag(p, name, help=None):
+    """A ``--name / --no-name`` switch, off by default."""
+    p.add_argument(name, action=argparse.BooleanOptionalAction, default=False, help=help)
 
 
-def build_parser():
-    ap = argparse.ArgumentParser(prog="sedflow-jax", description=DESCRIPTION)
-    sub = ap.add_subparsers(dest="command", required=True)
+def seed_arg(p):
+    p.add_argument("--seed", type=int, default=0)
 
+
+def config_args(p):
+    """``--config FILE`` and ``--dump-config`` (every subcommand)."""
+    g = p.add_argument_group("configuration file")
+    g.add_argument("--config", default=None, metavar="FILE",
+                   help="TOML file of option values (keys: long option names, e.g. "
+                        "n-samples = 100), or a previous output (folder, table) to rerun "
+                        "with its recorded configuration; flags given here override it")
+    g.add_argument("--dump-config", action="store_true",
+                   help="print the resolved configuration as TOML and exit")
+
+
+# ---------------------------------------------------------------------------------------------
+# subcommands
+# ---------------------------------------------------------------------------------------------
+def add_example(sub):
+    """The `example` subcommand."""
     p = sub.add_parser("example", help="SED + photometry + derived properties of an example galaxy")
     model_args(p)
     p.add_argument("--theta", type=float, nargs=12, default=None)
     p.add_argument("--z", type=float, default=0.1)
     p.add_argument("--out", default="example_out")
-    p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False)
+    flag(p, "--overwrite")
     p.set_defaults(func=cmd_example)
+    return p
 
+
+def add_photometry(sub):
+    """The `photometry` subcommand."""
     p = sub.add_parser("photometry", help="theta -> nanomaggies / AB magnitudes")
     model_args(p)
     p.add_argument("--theta", type=float, nargs=12, default=None,
@@ -35,40 +61,51 @@ def build_parser():
     p.add_argument("--input", help="table (FITS/ECSV/CSV) with the 12 parameter columns and z")
     p.add_argument("--z-column", default="z")
     p.add_argument("--output", help="write a table (format from the extension)")
-    p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False)
+    flag(p, "--overwrite")
     p.set_defaults(func=cmd_photometry)
+    return p
 
+
+def add_simulate(sub):
+    """The `simulate` subcommand."""
     p = sub.add_parser("simulate", help="generate a SEDflow training set (chunked, resumable)")
     model_args(p)
     p.add_argument("--n", type=int, required=True)
-    p.add_argument("--seed", type=int, default=0)
+    seed_arg(p)
     p.add_argument("--out", required=True)
     p.add_argument("--chunk", type=int, default=100_000)
     p.add_argument("--prior", choices=["provabgs", "default_nmf"], default="provabgs")
     p.add_argument("--zmin", type=float, default=0.0)
     p.add_argument("--zmax", type=float, default=0.2)
-    p.add_argument("--include-flux", action=argparse.BooleanOptionalAction, default=False)
+    flag(p, "--include-flux")
     p.add_argument("--block", type=int, default=4096,
                    help="rows per random block and compiled call (part of the configuration: "
                         "another block gives other rows); a multiple of --devices; GPUs: 65536")
     p.add_argument("--devices", type=devices_type, default=None,
                    help="split each block's photometry over N local devices (or 'all'); the "
                         "random draws do not change (values equal to ~1e-6)")
-    p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
-                   help="replace a folder holding another training set (the same one resumes)")
-    p.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=False)
+    flag(p, "--overwrite",
+         help="replace a folder holding another training set (the same one resumes)")
+    flag(p, "--quiet")
     host_args(p, "--out folder (shards)")
     p.set_defaults(func=cmd_simulate)
+    return p
 
+
+def add_merge_manifests(sub):
+    """The `merge-manifests` subcommand."""
     p = sub.add_parser("merge-manifests", help="join the per-host manifests of a training set")
     p.add_argument("dir", nargs="?", default=None, help="the training-set folder")
     p.add_argument("--from", dest="sources", nargs="+", default=None, metavar="HOSTDIR",
                    help="first copy the shards and manifest parts of these folders (hosts "
                         "without a shared file system) into DIR")
-    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=False,
-                   help="check every shard's sha256 (always done with --from)")
+    flag(p, "--verify", help="check every shard's sha256 (always done with --from)")
     p.set_defaults(func=cmd_merge_manifests)
+    return p
 
+
+def add_train(sub):
+    """The `train` subcommand."""
     p = sub.add_parser("train", help="train the SEDflow posterior on a training-set folder")
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
@@ -79,8 +116,8 @@ def build_parser():
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--patience", type=int, default=20)
     p.add_argument("--max-epochs", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False, help="continue from the last checkpoint")
+    seed_arg(p)
+    flag(p, "--resume", help="continue from the last checkpoint")
     p.add_argument("--devices", type=devices_type, default=None,
                    help="data-parallel training over N local devices (or 'all'); "
                         "--batch-size is the global batch")
@@ -93,10 +130,14 @@ def build_parser():
                    help="box: the flow models the sampling-space point, draws outside the prior "
                         "are rejected (SEDflow); logit: the flow models logit coordinates, every "
                         "draw is inside the prior (acceptance 1)")
-    p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=False)
+    flag(p, "--overwrite")
+    flag(p, "--quiet")
     p.set_defaults(func=cmd_train)
+    return p
 
+
+def add_infer(sub):
+    """The `infer` subcommand."""
     p = sub.add_parser("infer", help="posteriors for a catalog (astropy Table in and out)")
     p.add_argument("--model", required=True)
     p.add_argument("--catalog", required=True)
@@ -104,8 +145,22 @@ def build_parser():
     p.add_argument("--samples", default=None, help="also write all samples to this HDF5 file")
     p.add_argument("--n-samples", type=int, default=10_000)
     p.add_argument("--n-derived", type=int, default=500)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--keep-columns", nargs="*", default=["id", "ID", "RA", "DEC", "z"])
+    seed_arg(p)
+    p.add_argument("--keep-columns", nargs="*", default=None,
+                   help="catalog columns copied to the output (default: id ID RA DEC z, those the "
+                        "catalog has); a name the catalog lacks is refused")
+    catalog_read_args(p)
+    p.add_argument("--max-rounds", type=int, default=20,
+                   help="rejection rounds for draws outside the prior box")
+    stream_args(p)
+    host_args(p, "catalog chunks (with --stream)")
+    flag(p, "--overwrite")
+    p.set_defaults(func=cmd_infer)
+    return p
+
+
+def catalog_read_args(p):
+    """How `infer` reads a catalog's photometry (columns, extinction, noise policy)."""
     p.add_argument("--flux-fmt", default="flux_{band}",
                    help="flux column of each band [nanomaggies] ({band} = model band name)")
     p.add_argument("--ivar-fmt", default="flux_ivar_{band}",
@@ -122,26 +177,24 @@ def build_parser():
                    help="bands outside the training (mag, sigma) support: mask the band, flag "
                         "the row (not fit), or fit it marked ood (auto: mask for mask-aware "
                         "models, else ood)")
-    p.add_argument("--max-rounds", type=int, default=20,
-                   help="rejection rounds for draws outside the prior box")
+
+
+def stream_args(p):
+    """`infer --stream`: chunked, resumable inference over devices and hosts."""
     g = p.add_argument_group("streaming (catalogs larger than memory, resumable)")
-    g.add_argument("--stream", action=argparse.BooleanOptionalAction, default=False,
-                   help="read the catalog in chunks, write one file per chunk, assemble an "
-                        "HDF5 --out; draws keyed by catalog row (see docs/scaling.md)")
+    flag(g, "--stream", help="read the catalog in chunks, write one file per chunk, assemble "
+                             "an HDF5 --out; draws keyed by catalog row (see docs/scaling.md)")
     g.add_argument("--chunk-rows", type=int, default=16384, help="catalog rows per chunk")
-    g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
-                   help="continue a killed --stream run (chunks on disk are kept)")
-    g.add_argument("--store-samples", action=argparse.BooleanOptionalAction, default=False,
-                   help="also store every draw in --out (samples/theta)")
-    g.add_argument("--keep-parts", action=argparse.BooleanOptionalAction, default=False,
-                   help="keep the chunk files after assembling")
+    flag(g, "--resume", help="continue a killed --stream run (chunks on disk are kept)")
+    flag(g, "--store-samples", help="also store every draw in --out (samples/theta)")
+    flag(g, "--keep-parts", help="keep the chunk files after assembling")
     g.add_argument("--devices", type=devices_type, default=None,
                    help="split each chunk's sampling over N local devices (or 'all')")
-    g.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=False)
-    host_args(p, "catalog chunks (with --stream)")
-    p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False)
-    p.set_defaults(func=cmd_infer)
+    flag(g, "--quiet")
 
+
+def add_finalize(sub):
+    """The `finalize` subcommand."""
     p = sub.add_parser("finalize", help="assemble a streaming inference (infer --stream) and "
                                         "export its summary table")
     p.add_argument("path", nargs="?", default=None,
@@ -149,19 +202,27 @@ def build_parser():
     p.add_argument("--out", default=None,
                    help="also write the summary as a table (format from the extension: .fits, "
                         ".ecsv, .csv, .h5, ...)")
-    p.add_argument("--keep-parts", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False)
+    flag(p, "--keep-parts")
+    flag(p, "--overwrite")
     p.set_defaults(func=cmd_finalize)
+    return p
 
+
+def add_validate(sub):
+    """The `validate` subcommand."""
     p = sub.add_parser("validate", help="SBC / p-p calibration of a trained model on mocks")
     p.add_argument("--model", required=True)
     p.add_argument("--n-test", type=int, default=1000)
     p.add_argument("--n-samples", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
+    seed_arg(p)
     p.add_argument("--out", default="validation")
-    p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False)
+    flag(p, "--overwrite")
     p.set_defaults(func=cmd_validate)
+    return p
 
+
+def add_mcmc(sub):
+    """The `mcmc` subcommand."""
     p = sub.add_parser("mcmc", help="NUTS / ESS / AIES fits of catalog rows")
     p.add_argument("--catalog", required=True)
     p.add_argument("--rows", default="0:10", help="START:STOP or a single row")
@@ -184,28 +245,35 @@ def build_parser():
                         "the compiled sampler (default: $XDG_CACHE_HOME/sedflow-jax/xla, i.e. "
                         "~/.cache/sedflow-jax/xla; 'none' = off; a cache JAX already has "
                         "configured is kept)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False)
+    seed_arg(p)
+    flag(p, "--resume")
+    flag(p, "--overwrite")
     p.set_defaults(func=cmd_mcmc)
+    return p
 
+
+def add_demo(sub):
+    """The `demo` subcommand."""
     p = sub.add_parser("demo", help="simulate, train, infer, MCMC and validate, with figures")
     p.add_argument("--out", default="demo_out")
     p.add_argument("--size", choices=["small", "paper"], default="small")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=False)
+    seed_arg(p)
+    flag(p, "--overwrite")
+    flag(p, "--quiet")
     p.set_defaults(func=cmd_demo)
+    return p
 
-    for name, sp in sub.choices.items():
-        g = sp.add_argument_group("configuration file")
-        g.add_argument("--config", default=None, metavar="FILE",
-                       help="TOML file of option values (keys: long option names, e.g. "
-                            "n-samples = 100), or a previous output (folder, table) to rerun "
-                            "with its recorded configuration; flags given here override it")
-        g.add_argument("--dump-config", action="store_true",
-                       help="print the resolved configuration as TOML and exit")
-    ap._sj_subparsers = dict(sub.choices)
+
+#: the subcommands, in the order ``--help`` lists them
+SUBCOMMAND_BUILDERS = (add_example, add_photometry, add_simulate, add_merge_manifests, add_train,
+                       add_infer, add_finalize, add_validate, add_mcmc, add_demo)
+
+
+def build_parser():
+    """The ``sedflow-jax`` parser; ``ap.sj_subparsers`` maps each subcommand to its parser."""
+    ap = argparse.ArgumentParser(prog="sedflow-jax", description=DESCRIPTION)
+    sub = ap.add_subparsers(dest="command", required=True)
+    for add in SUBCOMMAND_BUILDERS:
+        config_args(add(sub))
+    ap.sj_subparsers = dict(sub.choices)
     return ap
-
-

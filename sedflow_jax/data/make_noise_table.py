@@ -42,7 +42,7 @@ REPO = HERE.parents[1]
 if str(REPO) not in sys.path:  # allow running from a checkout without installing
     sys.path.insert(0, str(REPO))
 
-from sedflow_jax.sim.noise import fit_noise_model, plot_noise_model  # noqa: E402
+from sedflow_jax.sim.noise_fit import fit_noise_model, plot_noise_model  # noqa: E402
 
 SDSS_BANDS = ("sdss_u", "sdss_g", "sdss_r", "sdss_i", "sdss_z")
 GALEX_BANDS = ("galex_fuv", "galex_nuv")

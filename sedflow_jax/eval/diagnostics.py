@@ -28,6 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..sed.units import AB_FNU_CGS, C_ANGSTROM_S
+from ..util import as_key
+
 __all__ = [
     "sbc_ranks",
     "sbc_uniformity",
@@ -56,6 +59,14 @@ def _check_true_samples(true, samples):
             or samples.shape[2] != true.shape[1]:
         raise ValueError(f"need true (n, d) and samples (n, m, d); got {true.shape}, {samples.shape}")
     return true, samples
+
+
+def _finite_rows(v) -> np.ndarray:
+    """(n, d) float64 (a 1-D input is one column) without the rows holding NaN or inf."""
+    v = np.asarray(v, np.float64)
+    if v.ndim == 1:
+        v = v[:, None]
+    return v[np.all(np.isfinite(v), axis=1)]
 
 
 # =============================================================================================
@@ -262,21 +273,14 @@ def c2st(samples_a, samples_b, key=0, *, n_folds: int = 5, classifier: str = "ml
     Returns the accuracy (0.5 = indistinguishable, 1 = disjoint), or ``(mean, per-fold)`` with
     ``return_folds``.
     """
-    a = np.asarray(samples_a, np.float64)
-    b = np.asarray(samples_b, np.float64)
-    if a.ndim == 1:
-        a = a[:, None]
-    if b.ndim == 1:
-        b = b[:, None]
+    a, b = _finite_rows(samples_a), _finite_rows(samples_b)
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"sample sets differ in dimension: {a.shape} vs {b.shape}")
-    a = a[np.all(np.isfinite(a), axis=1)]
-    b = b[np.all(np.isfinite(b), axis=1)]
     if classifier not in ("mlp", "quadratic"):
         raise ValueError(f"classifier must be 'mlp' or 'quadratic', got {classifier!r}")
     if n_folds < 2:
         raise ValueError("n_folds must be >= 2")
-    key = jax.random.key(key) if isinstance(key, (int, np.integer)) else key
+    key = as_key(key)
     n = min(len(a), len(b), int(max_samples))
     n -= n % n_folds
     if n < 2 * n_folds:
@@ -429,6 +433,78 @@ def _hpd_levels(h, fracs):
     return out
 
 
+def _corner_sets(sample_sets, max_points: int) -> dict:
+    """label -> finite (n, d) float64 rows (at most ``max_points``, a fixed random subset)."""
+    if not isinstance(sample_sets, Mapping):
+        sample_sets = {"samples": sample_sets}
+    sets = {}
+    for k, v in sample_sets.items():
+        v = _finite_rows(v)
+        if len(v) > max_points:
+            v = v[np.random.default_rng(0).choice(len(v), max_points, replace=False)]
+        sets[k] = v
+    d = next(iter(sets.values())).shape[1]
+    if any(v.shape[1] != d for v in sets.values()):
+        raise ValueError("all sample sets must have the same dimension")
+    return sets
+
+
+def _corner_ranges(sets: dict, tr) -> np.ndarray:
+    """(d, 2): the central 99.5 % of all sets, widened to the truths, padded by 5 %."""
+    allv = np.concatenate(list(sets.values()))
+    lo = np.percentile(allv, 0.25, axis=0)
+    hi = np.percentile(allv, 99.75, axis=0)
+    if tr is not None:
+        lo, hi = np.fmin(lo, tr), np.fmax(hi, tr)
+    pad = 0.05 * np.where(hi > lo, hi - lo, 1.0)
+    return np.stack([lo - pad, hi + pad], axis=1)
+
+
+def _corner_contours(ax, xv, yv, xr, yr, color, *, bins, levels, smooth) -> None:
+    """HPD contours of a lightly smoothed 2-D histogram of (xv, yv)."""
+    from scipy.ndimage import gaussian_filter
+
+    h, xe, ye = np.histogram2d(xv, yv, bins=bins, range=[xr, yr])
+    if smooth:
+        h = gaussian_filter(h, smooth)
+    lv = sorted(set(_hpd_levels(h, sorted(levels, reverse=True))))
+    lv = [x for x in lv if x > 0]
+    if len(lv) >= 1 and h.max() > 0:
+        xc, yc = 0.5 * (xe[1:] + xe[:-1]), 0.5 * (ye[1:] + ye[:-1])
+        try:
+            ax.contour(xc, yc, h.T, levels=lv + [h.max() * 1.0001], colors=[color],
+                       linewidths=1.0)
+        except ValueError:  # degenerate levels
+            pass
+
+
+def _corner_truth(ax, tr, i: int, j: int) -> None:
+    if i == j:
+        ax.axvline(tr[i], color="k", lw=0.8)
+    else:
+        ax.axvline(tr[j], color="k", lw=0.8)
+        ax.axhline(tr[i], color="k", lw=0.8)
+        ax.plot(tr[j], tr[i], "s", color="k", ms=3)
+
+
+def _corner_axes(ax, i: int, j: int, d: int, nm, ranges) -> None:
+    """Limits, ticks and labels of panel (row i, column j)."""
+    ax.set_xlim(ranges[j])
+    if i != j:
+        ax.set_ylim(ranges[i])
+    if i == j:
+        ax.set_yticks([])
+    if i < d - 1:
+        ax.set_xticklabels([])
+    else:
+        ax.set_xlabel(nm[j], fontsize=8)
+    if j > 0 and i != j:
+        ax.set_yticklabels([])
+    elif i != j:
+        ax.set_ylabel(nm[i], fontsize=8)
+    ax.tick_params(labelsize=6)
+
+
 def plot_corner(sample_sets, names=None, truths=None, path=None, *, bins: int = 40,
                 levels: Sequence[float] = (0.68, 0.95), ranges=None, colors=None,
                 max_points: int = 200_000, smooth: float = 0.8):
@@ -441,33 +517,12 @@ def plot_corner(sample_sets, names=None, truths=None, path=None, *, bins: int = 
     """
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
-    from scipy.ndimage import gaussian_filter
 
-    if not isinstance(sample_sets, Mapping):
-        sample_sets = {"samples": sample_sets}
-    sets = {}
-    for k, v in sample_sets.items():
-        v = np.asarray(v, np.float64)
-        if v.ndim == 1:
-            v = v[:, None]
-        v = v[np.all(np.isfinite(v), axis=1)]
-        if len(v) > max_points:
-            v = v[np.random.default_rng(0).choice(len(v), max_points, replace=False)]
-        sets[k] = v
+    sets = _corner_sets(sample_sets, max_points)
     d = next(iter(sets.values())).shape[1]
-    if any(v.shape[1] != d for v in sets.values()):
-        raise ValueError("all sample sets must have the same dimension")
     nm = _names(names, d)
     tr = None if truths is None else np.asarray(truths, np.float64).ravel()
-    if ranges is None:
-        allv = np.concatenate(list(sets.values()))
-        lo = np.percentile(allv, 0.25, axis=0)
-        hi = np.percentile(allv, 99.75, axis=0)
-        if tr is not None:
-            lo, hi = np.fmin(lo, tr), np.fmax(hi, tr)
-        pad = 0.05 * np.where(hi > lo, hi - lo, 1.0)
-        ranges = np.stack([lo - pad, hi + pad], axis=1)
-    ranges = np.asarray(ranges, np.float64)
+    ranges = np.asarray(_corner_ranges(sets, tr) if ranges is None else ranges, np.float64)
     colors = colors or [f"C{i}" for i in range(len(sets))]
     size = max(1.3, min(2.2, 16.0 / d))
     fig, axes = plt.subplots(d, d, figsize=(size * d, size * d), squeeze=False)
@@ -477,45 +532,16 @@ def plot_corner(sample_sets, names=None, truths=None, path=None, *, bins: int = 
             if j > i:
                 ax.set_visible(False)
                 continue
-            for (label, v), c in zip(sets.items(), colors):
+            for v, c in zip(sets.values(), colors):
                 if i == j:
                     ax.hist(v[:, i], bins=bins, range=ranges[i], density=True, histtype="step",
                             color=c, lw=1.2)
                 else:
-                    h, xe, ye = np.histogram2d(v[:, j], v[:, i], bins=bins,
-                                               range=[ranges[j], ranges[i]])
-                    if smooth:
-                        h = gaussian_filter(h, smooth)
-                    lv = sorted(set(_hpd_levels(h, sorted(levels, reverse=True))))
-                    lv = [x for x in lv if x > 0]
-                    if len(lv) >= 1 and h.max() > 0:
-                        xc, yc = 0.5 * (xe[1:] + xe[:-1]), 0.5 * (ye[1:] + ye[:-1])
-                        try:
-                            ax.contour(xc, yc, h.T, levels=lv + [h.max() * 1.0001], colors=[c],
-                                       linewidths=1.0)
-                        except ValueError:  # degenerate levels
-                            pass
+                    _corner_contours(ax, v[:, j], v[:, i], ranges[j], ranges[i], c, bins=bins,
+                                     levels=levels, smooth=smooth)
             if tr is not None:
-                if i == j:
-                    ax.axvline(tr[i], color="k", lw=0.8)
-                else:
-                    ax.axvline(tr[j], color="k", lw=0.8)
-                    ax.axhline(tr[i], color="k", lw=0.8)
-                    ax.plot(tr[j], tr[i], "s", color="k", ms=3)
-            ax.set_xlim(ranges[j])
-            if i != j:
-                ax.set_ylim(ranges[i])
-            if i == j:
-                ax.set_yticks([])
-            if i < d - 1:
-                ax.set_xticklabels([])
-            else:
-                ax.set_xlabel(nm[j], fontsize=8)
-            if j > 0 and i != j:
-                ax.set_yticklabels([])
-            elif i != j:
-                ax.set_ylabel(nm[i], fontsize=8)
-            ax.tick_params(labelsize=6)
+                _corner_truth(ax, tr, i, j)
+            _corner_axes(ax, i, j, d, nm, ranges)
     handles = [Line2D([], [], color=c, label=str(k)) for k, c in zip(sets, colors)]
     if tr is not None:
         handles.append(Line2D([], [], color="k", label="truth"))
@@ -537,8 +563,6 @@ def plot_sed_fit(model, theta_samples, z, flux, sigma, path=None, *, best=None,
     1e-17 erg/s/cm^2/A. Returns the Figure.
     """
     import matplotlib.pyplot as plt
-
-    from ..sed.units import AB_FNU_CGS, C_ANGSTROM_S
 
     th = np.asarray(theta_samples, np.float64)
     if th.ndim == 1:

@@ -10,7 +10,10 @@ Nothing is silently dropped: every row gets a ``flag`` bit mask and the counts a
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+import dataclasses
+import os
+import warnings
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -48,7 +51,86 @@ DEFAULT_SENTINELS = (-9999.0, -999.0, -99.0)
 
 
 class CatalogError(ValueError):
-    """A catalog the reader cannot use (missing columns, wrong shapes, units)."""
+    """A catalog the reader cannot use (unreadable file, missing columns, wrong shapes, units)."""
+
+
+def catalog_error(path, exc) -> CatalogError:
+    """A one-line :class:`CatalogError` naming ``path`` for an exception raised reading it."""
+    msg = " ".join(str(exc).split())
+    msg = (msg[:200] + "...") if len(msg) > 200 else msg
+    return CatalogError(f"{os.fspath(path)}: cannot read it as a catalog table "
+                        f"({type(exc).__name__}: {msg or 'no detail'})")
+
+
+@dataclasses.dataclass(frozen=True)
+class ColumnSpec:
+    """Where a catalog keeps what the reader needs: the one column specification of
+    :func:`read_photometry`, :func:`sedflow_jax.sbi.inference.infer_catalog` and
+    :func:`sedflow_jax.sbi.streaming.infer_catalog_streaming`.
+
+    flux_fmt / ivar_fmt : per-band column names with ``{band}`` (default ``flux_{band}`` /
+        ``flux_ivar_{band}``); vector_flux / vector_ivar : SDSS-style (n, n_bands) columns used
+        instead (both or neither); z_col : the redshift column; extinction : Galactic A_b [mag]
+        (a vector column or a ``{band}`` format), fluxes are dereddened; snr_floor : bands with
+        flux sqrt(ivar) below it are masked or flag the row; sentinels : values read as "no
+        measurement"; keep : catalog columns copied to an inference output (e.g. an id).
+    """
+
+    flux_fmt: str = "flux_{band}"
+    ivar_fmt: str = "flux_ivar_{band}"
+    z_col: str = "z"
+    vector_flux: Optional[str] = None
+    vector_ivar: Optional[str] = None
+    extinction: Optional[str] = None
+    snr_floor: Optional[float] = None
+    sentinels: tuple = DEFAULT_SENTINELS
+    keep: tuple = ()
+
+    def __post_init__(self):
+        set_ = object.__setattr__
+        set_(self, "keep", tuple(str(c) for c in (self.keep or ())))
+        set_(self, "sentinels", tuple(float(v) for v in (self.sentinels or ())))
+        if (self.vector_flux is None) != (self.vector_ivar is None):
+            raise CatalogError("give both vector_flux and vector_ivar (or neither)")
+        if self.snr_floor is not None:
+            if not np.isfinite(self.snr_floor):
+                raise ValueError(f"snr_floor must be a finite number, got {self.snr_floor}")
+            set_(self, "snr_floor", float(self.snr_floor))
+
+    @classmethod
+    def make(cls, spec: "ColumnSpec | None" = None, **kw) -> "ColumnSpec":
+        """``spec`` (default: the default layout) with the fields given in ``kw`` replaced."""
+        base = cls() if spec is None else spec
+        return dataclasses.replace(base, **kw) if kw else base
+
+    def photometry_columns(self, bands) -> list:
+        """The columns :func:`read_photometry` reads for ``bands`` (flux, ivar, z, extinction)."""
+        if self.vector_flux is not None:
+            cols = [self.vector_flux, self.vector_ivar]
+        else:
+            cols = [self.flux_fmt.format(band=b) for b in bands] + \
+                   [self.ivar_fmt.format(band=b) for b in bands]
+        cols.append(self.z_col)
+        if self.extinction is not None:
+            cols += ([self.extinction.format(band=b) for b in bands]
+                     if "{band}" in self.extinction else [self.extinction])
+        return list(dict.fromkeys(cols))
+
+    def columns(self, bands) -> list:
+        """Every column a run reads: :meth:`photometry_columns` and the ``keep`` columns."""
+        return list(dict.fromkeys(self.photometry_columns(bands) + list(self.keep)))
+
+    def check(self, colnames, bands) -> None:
+        """Raise :class:`CatalogError` naming the columns the catalog lacks."""
+        have = set(colnames)
+        missing = [c for c in self.columns(bands) if c not in have]
+        if missing:
+            raise CatalogError(f"catalog is missing columns {missing} (have "
+                               f"{list(colnames)[:20]})")
+
+    def to_dict(self) -> dict:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+                for f in dataclasses.fields(self)}
 
 
 class Photometry(NamedTuple):
@@ -70,12 +152,19 @@ class Photometry(NamedTuple):
 
 
 def read_table(table):
-    """An astropy Table from a Table or a path (FITS, ECSV, CSV, HDF5 by extension)."""
+    """An astropy Table from a Table or a path (FITS, ECSV, CSV, HDF5 by extension); a file
+    that is missing or cannot be read raises a one-line :class:`CatalogError` naming it."""
     from astropy.table import Table
 
     if isinstance(table, Table):
         return table
-    return Table.read(table)
+    path = os.fspath(table)
+    if not os.path.exists(path):
+        raise CatalogError(f"{path}: no such catalog file")
+    try:
+        return Table.read(path)
+    except Exception as exc:  # noqa: BLE001 -- any reader failure is a bad catalog
+        raise catalog_error(path, exc) from None
 
 
 def _band_matrix(t, spec, bands, what):
@@ -156,11 +245,14 @@ def _column_nmgy(t, fc: str, ic: str, sentinels):
     return f * k, iv * ki
 
 
-def read_photometry(table, bands: Sequence[str], *, flux_fmt="flux_{band}",
-                    ivar_fmt="flux_ivar_{band}", z_col="z", vector_flux=None, vector_ivar=None,
-                    z_range=None, extinction=None, sentinels=DEFAULT_SENTINELS, snr_floor=None,
-                    mask_bands: bool = False, min_bands: int = 2) -> Photometry:
+def read_photometry(table, bands: Sequence[str], spec: Optional[ColumnSpec] = None, *,
+                    z_range=None, mask_bands: bool = False, min_bands: int = 2,
+                    **columns) -> Photometry:
     """Read fluxes, sigmas and redshifts of ``bands``, build the band mask and flag rows.
+
+    Where the columns are: ``spec`` (a :class:`ColumnSpec`), or its fields as keywords
+    (``flux_fmt=``, ``ivar_fmt=``, ``z_col=``, ``vector_flux=`` / ``vector_ivar=``,
+    ``extinction=``, ``sentinels=``, ``snr_floor=``), which also override those of ``spec``.
 
     Every (row, band) gets ``BAND_*`` reason bits (0 = usable): NaN / inf, a ``sentinels`` value
     in flux or ivar, flux = ivar = 0 ("not observed"), ivar <= 0, flux <= 0, S/N =
@@ -178,37 +270,63 @@ def read_photometry(table, bands: Sequence[str], *, flux_fmt="flux_{band}",
     sigma are multiplied by 10**(0.4 A_b), as in the shipped noise model. Nothing is dropped:
     rows keep their index; ``counts`` and ``band_counts`` report every reason.
     """
+    spec = ColumnSpec.make(spec, **columns)
     t = read_table(table)
     bands = tuple(bands)
-    if vector_flux is not None:
-        for c in (vector_flux, vector_ivar):
+    flux, ivar = _read_fluxes(t, bands, spec)
+    if spec.z_col not in t.colnames:
+        raise CatalogError(f"catalog has no redshift column {spec.z_col!r}")
+    z = np.ma.filled(np.ma.asarray(t[spec.z_col], float), np.nan)
+    bf = _band_flags(flux, ivar, spec)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sigma = np.where(ivar > 0, 1.0 / np.sqrt(np.where(ivar > 0, ivar, 1.0)), np.nan)
+    if spec.extinction is not None:
+        a = _band_matrix(t, spec.extinction, bands, "extinction")
+        if not np.all(np.isfinite(a)):
+            raise CatalogError(f"extinction {spec.extinction!r} has non-finite values")
+        corr = 10.0 ** (0.4 * a)
+        flux, sigma = flux * corr, sigma * corr
+    mask = bf == 0
+    flag = _row_flags(flux, ivar, z, bf, z_range=z_range, mask_bands=mask_bands,
+                      min_bands=min_bands)
+    counts, band_counts = _counts(flag, mask, bf, bands)
+    empty = ((bf & BAND_EMPTY) > 0).all(0) if len(z) else np.zeros(len(bands), bool)
+    if empty.any():
+        warnings.warn(f"bands {[b for b, e in zip(bands, empty) if e]} have no usable value in "
+                      "any row: masked everywhere", stacklevel=2)
+    return Photometry(flux, sigma, z, flag, counts, bands, mask, bf, band_counts)
+
+
+def _read_fluxes(t, bands, spec: ColumnSpec):
+    """(flux [nanomaggies], ivar) (n, nb) of ``bands`` from the columns ``spec`` names."""
+    if spec.vector_flux is not None:
+        for c in (spec.vector_flux, spec.vector_ivar):
             if c not in t.colnames:
                 raise CatalogError(f"catalog has no column {c!r}")
-        flux = np.ma.filled(np.ma.asarray(t[vector_flux], float), np.nan)
-        ivar = np.ma.filled(np.ma.asarray(t[vector_ivar], float), np.nan)
+        flux = np.ma.filled(np.ma.asarray(t[spec.vector_flux], float), np.nan)
+        ivar = np.ma.filled(np.ma.asarray(t[spec.vector_ivar], float), np.nan)
         if flux.ndim != 2 or flux.shape[1] != len(bands) or ivar.shape != flux.shape:
-            raise CatalogError(f"{vector_flux}/{vector_ivar} must have shape (n, {len(bands)})")
-    else:
-        fc = [flux_fmt.format(band=b) for b in bands]
-        ic = [ivar_fmt.format(band=b) for b in bands]
-        missing = [c for c in fc + ic if c not in t.colnames]
-        if missing:
-            raise CatalogError(f"catalog is missing columns {missing} (have {t.colnames[:20]})")
-        pairs = [_column_nmgy(t, f, i, sentinels) for f, i in zip(fc, ic)]
-        flux = np.column_stack([p[0] for p in pairs])
-        ivar = np.column_stack([p[1] for p in pairs])
-    if z_col not in t.colnames:
-        raise CatalogError(f"catalog has no redshift column {z_col!r}")
-    if snr_floor is not None and not np.isfinite(snr_floor):
-        raise ValueError(f"snr_floor must be a finite number, got {snr_floor}")
-    z = np.ma.filled(np.ma.asarray(t[z_col], float), np.nan)
+            raise CatalogError(f"{spec.vector_flux}/{spec.vector_ivar} must have shape "
+                               f"(n, {len(bands)})")
+        return flux, ivar
+    fc = [spec.flux_fmt.format(band=b) for b in bands]
+    ic = [spec.ivar_fmt.format(band=b) for b in bands]
+    missing = [c for c in fc + ic if c not in t.colnames]
+    if missing:
+        raise CatalogError(f"catalog is missing columns {missing} (have {t.colnames[:20]})")
+    pairs = [_column_nmgy(t, f, i, spec.sentinels) for f, i in zip(fc, ic)]
+    return np.column_stack([p[0] for p in pairs]), np.column_stack([p[1] for p in pairs])
+
+
+def _band_flags(flux, ivar, spec: ColumnSpec) -> np.ndarray:
+    """(n, nb) ``BAND_*`` reason bits of every (row, band)."""
     n, nb = flux.shape
     bf = np.zeros((n, nb), int)
     with np.errstate(invalid="ignore"):
         nonfin = ~(np.isfinite(flux) & np.isfinite(ivar))
         bf[nonfin] |= BAND_NONFINITE
         sent = np.zeros((n, nb), bool)
-        for v in sentinels or ():
+        for v in spec.sentinels:
             sent |= (flux == v) | (ivar == v)
         bf[sent] |= BAND_SENTINEL
         notobs = (flux == 0) & (ivar == 0)
@@ -216,33 +334,37 @@ def read_photometry(table, bands: Sequence[str], *, flux_fmt="flux_{band}",
         rest = ~(nonfin | sent | notobs)
         bf[rest & (ivar <= 0)] |= BAND_BAD_IVAR
         bf[rest & (ivar > 0) & (flux <= 0)] |= BAND_NONPOSITIVE_FLUX
-        if snr_floor is not None:
-            low = rest & (ivar > 0) & (flux > 0) & (flux * np.sqrt(np.abs(ivar)) < snr_floor)
+        if spec.snr_floor is not None:
+            low = rest & (ivar > 0) & (flux > 0) & \
+                (flux * np.sqrt(np.abs(ivar)) < spec.snr_floor)
             bf[low] |= BAND_LOW_SNR
-        empty = (bf != 0).all(0) if n else np.zeros(nb, bool)
-        bf[:, empty] |= BAND_EMPTY
-        sigma = np.where(ivar > 0, 1.0 / np.sqrt(np.where(ivar > 0, ivar, 1.0)), np.nan)
-    if extinction is not None:
-        a = _band_matrix(t, extinction, bands, "extinction")
-        if not np.all(np.isfinite(a)):
-            raise CatalogError(f"extinction {extinction!r} has non-finite values")
-        corr = 10.0 ** (0.4 * a)
-        flux, sigma = flux * corr, sigma * corr
+    empty = (bf != 0).all(0) if n else np.zeros(nb, bool)
+    bf[:, empty] |= BAND_EMPTY
+    return bf
+
+
+def _row_flags(flux, ivar, z, bf, *, z_range, mask_bands, min_bands) -> np.ndarray:
+    """(n,) ``FLAG_*`` bits: bad bands flag the row (plain) or only too few bands do (masks)."""
     mask = bf == 0
-    flag = np.zeros(n, int)
+    flag = np.zeros(len(z), int)
     flag[~np.isfinite(z)] |= FLAG_NONFINITE
     if mask_bands:
         flag[mask.sum(1) < int(min_bands)] |= FLAG_TOO_FEW_BANDS
     else:
         with np.errstate(invalid="ignore"):
-            flag[nonfin.any(1)] |= FLAG_NONFINITE
+            flag[((bf & BAND_NONFINITE) > 0).any(1)] |= FLAG_NONFINITE
             flag[(flux <= 0).any(1)] |= FLAG_NONPOSITIVE_FLUX
             flag[(ivar <= 0).any(1)] |= FLAG_BAD_IVAR
-        flag[sent.any(1)] |= FLAG_SENTINEL
+        flag[((bf & BAND_SENTINEL) > 0).any(1)] |= FLAG_SENTINEL
         flag[((bf & BAND_LOW_SNR) > 0).any(1)] |= FLAG_LOW_SNR
     if z_range is not None:
         with np.errstate(invalid="ignore"):
             flag[~((z > z_range[0]) & (z <= z_range[1]))] |= FLAG_Z_RANGE
+    return flag
+
+
+def _counts(flag, mask, bf, bands):
+    """(row counts by flag name and masked band, {band: {reason: n}})."""
     counts = {name: int(np.sum(flag & bit > 0)) for bit, name in FLAG_NAMES.items()}
     counts["usable"] = int(np.sum(flag == 0))
     counts["rows_with_masked_bands"] = int((~mask).any(1).sum())
@@ -250,10 +372,4 @@ def read_photometry(table, bands: Sequence[str], *, flux_fmt="flux_{band}",
         counts[f"masked_{b}"] = int((~mask[:, i]).sum())
     band_counts = {b: {name: int(np.sum((bf[:, i] & bit) > 0))
                        for bit, name in BAND_FLAG_NAMES.items()} for i, b in enumerate(bands)}
-    if empty.any():
-        import warnings
-        warnings.warn(f"bands {[b for b, e in zip(bands, empty) if e]} have no usable value in "
-                      "any row: masked everywhere", stacklevel=2)
-    return Photometry(flux, sigma, z, flag, counts, bands, mask, bf, band_counts)
-
-
+    return counts, band_counts

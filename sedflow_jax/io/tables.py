@@ -7,6 +7,8 @@ import warnings
 
 import numpy as np
 
+from .catalog import CatalogError, catalog_error
+
 __all__ = ["FITS_EXTENSIONS", "HDF5_EXTENSIONS", "CatalogReader"]
 
 FITS_EXTENSIONS = (".fits", ".fit", ".fts", ".fits.gz", ".fit.gz")
@@ -19,6 +21,8 @@ class CatalogReader:
     reads (loaded whole)."""
 
     def __init__(self, catalog, *, hdu=None, hdf5_path=None):
+        """Open ``catalog``; a missing or unreadable file raises a one-line
+        :class:`~sedflow_jax.io.catalog.CatalogError` naming it (nothing left open)."""
         from astropy.table import Table
 
         self.kind, self.path, self._close = None, None, []
@@ -29,6 +33,20 @@ class CatalogReader:
             return
         path = os.path.abspath(os.fspath(catalog))
         self.path = path
+        if not os.path.exists(path):
+            raise CatalogError(f"{os.fspath(catalog)}: no such catalog file")
+        try:
+            self._open(path, hdu, hdf5_path)
+        except CatalogError:
+            self.close()
+            raise
+        except Exception as exc:  # noqa: BLE001 -- any reader failure is a bad catalog
+            self.close()
+            raise catalog_error(os.fspath(catalog), exc) from None
+
+    def _open(self, path, hdu, hdf5_path):
+        from astropy.table import Table
+
         low = path.lower()
         if low.endswith(FITS_EXTENSIONS):
             from astropy.io import fits
@@ -39,7 +57,7 @@ class CatalogReader:
                 hdu = next((i for i, h in enumerate(hdul)
                             if isinstance(h, (fits.BinTableHDU, fits.TableHDU))), None)
                 if hdu is None:
-                    raise ValueError(f"{path}: no table HDU")
+                    raise CatalogError(f"{path}: no table HDU")
             h = hdul[hdu]
             self.kind, self.data, self.units = "fits", h.data, {}
             self.n_rows = int(h.header.get("NAXIS2", 0))
@@ -59,7 +77,7 @@ class CatalogReader:
                 obj = f[tabs[0]] if len(tabs) == 1 else f
             if isinstance(obj, h5py.Dataset):
                 if not obj.dtype.names:
-                    raise ValueError(f"{path}:{obj.name} is not a table (compound) dataset")
+                    raise CatalogError(f"{path}:{obj.name} is not a table (compound) dataset")
                 self.kind, self.ds = "h5table", obj
                 self.n_rows = int(obj.shape[0])
                 self.colnames = list(obj.dtype.names)
@@ -68,15 +86,15 @@ class CatalogReader:
                         and v.ndim >= 1}
                 lens = {v.shape[0] for v in cols.values()}
                 if not cols or len(lens) != 1:
-                    raise ValueError(f"{path}:{obj.name}: expected a table dataset or a group of "
+                    raise CatalogError(f"{path}:{obj.name}: expected a table dataset or a group of "
                                      "column datasets of equal length (use hdf5_path=)")
                 self.kind, self.cols = "h5cols", cols
                 self.n_rows = lens.pop()
                 self.colnames = list(cols)
         else:
-            warnings.warn(f"{path}: only FITS and HDF5 catalogs are read in chunks; this one is "
-                          "loaded whole", stacklevel=3)
             self.kind, self.table = "table", Table.read(path)
+            warnings.warn(f"{path}: only FITS and HDF5 catalogs are read in chunks; this one is "
+                          "loaded whole", stacklevel=4)
             self.n_rows = len(self.table)
             self.colnames = list(self.table.colnames)
 

@@ -27,12 +27,14 @@ import functools
 import math
 import os
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .checkpoint import CHECKPOINT_JSON, load_checkpoint, save_checkpoint, unflatten_like
 from .data import as_source, streaming_stats
@@ -127,16 +129,6 @@ class TrainResult:
 
 
 # ----------------------------------------------------------------------------------------------
-# data sources
-# ----------------------------------------------------------------------------------------------
-
-
-# ----------------------------------------------------------------------------------------------
-# serialisation helpers (flat {path: array} dicts, flax msgpack, never pickle)
-# ----------------------------------------------------------------------------------------------
-
-
-# ----------------------------------------------------------------------------------------------
 # training
 # ----------------------------------------------------------------------------------------------
 def _make_tx(cfg: TrainConfig):
@@ -202,8 +194,6 @@ class _DataParallel:
     the same batch and feeds the rows of its own devices)."""
 
     def __init__(self, mesh):
-        from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
         if not isinstance(mesh, Mesh):
             raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
         names = tuple(mesh.axis_names)
@@ -247,6 +237,144 @@ def _evaluate(eval_sum, params, rest, source, rows, bs, d_theta, d_context, dp=N
     return -total / max(count, 1)
 
 
+@dataclasses.dataclass
+class _TrainState:
+    """What the training loop carries from epoch to epoch (and a checkpoint saves)."""
+
+    graphdef: Any
+    params: Any
+    rest: Any
+    opt_state: Any
+    best_params: Any
+    best_rest: Any
+    rng: np.random.Generator
+    history: dict
+    epoch: int = 0
+    best_val: float = math.inf
+    best_epoch: int = 0
+    since_best: int = 0
+
+    def replicate(self, dp: "_DataParallel") -> None:
+        """Place the weights and optimizer state on the mesh (replicated)."""
+        (self.params, self.rest, self.opt_state, self.best_params,
+         self.best_rest) = dp.replicate((self.params, self.rest, self.opt_state,
+                                         self.best_params, self.best_rest))
+
+
+def _new_rng(seed: int) -> np.random.Generator:
+    return np.random.default_rng([seed, 0xB47C4])
+
+
+def _fresh_state(cfg: TrainConfig, fcfg: FlowConfig, source, is_train, seed: int, tx,
+                 flow: Flow | None) -> _TrainState:
+    """Initial state: ``flow`` (warm start) or a fresh flow z-scored on the training rows."""
+    if flow is not None:
+        model = flow
+        if model.config != fcfg:
+            raise ValueError("the initial flow's config differs from flow_config: "
+                             + "; ".join(model.config.differences(fcfg, "checkpoint", "requested")))
+    else:
+        stats = streaming_stats(source, is_train)
+        model = init_flow(jax.random.PRNGKey(seed), fcfg, stats=stats)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return _TrainState(graphdef=graphdef, params=params, rest=rest, opt_state=tx.init(params),
+                       best_params=params, best_rest=rest, rng=_new_rng(seed),
+                       history={"train_loss": [], "val_loss": [], "epoch_time_s": []})
+
+
+def _resume_state(resume_from, cfg: TrainConfig, fcfg: FlowConfig, source, seed: int,
+                  tx) -> _TrainState:
+    """The state saved in the checkpoint of an interrupted run (same seed, data and
+    optimizer settings, else ValueError)."""
+    ck = load_checkpoint(resume_from, fcfg)
+    meta = ck["meta"]
+    ex = meta.get("extra", {})
+    if ex.get("seed") != seed or ex.get("n") != source.n:
+        raise ValueError(f"cannot resume from {resume_from}: it was trained with seed "
+                         f"{ex.get('seed')} on n={ex.get('n')} rows, not seed {seed} on "
+                         f"n={source.n}")
+    old_tc = meta.get("train_config") or {}
+    for k in ("learning_rate", "batch_size", "clip_norm", "val_fraction"):
+        if old_tc.get(k) != getattr(cfg, k):
+            raise ValueError(f"cannot resume from {resume_from}: TrainConfig.{k} was "
+                             f"{old_tc.get(k)!r}, now {getattr(cfg, k)!r}")
+    if ck["current_flow"] is None or ck["opt_state_flat"] is None:
+        raise ValueError(f"checkpoint {resume_from} has no optimizer state to resume from")
+    graphdef, params, rest = nnx.split(ck["current_flow"], nnx.Param, ...)
+    _, best_params, best_rest = nnx.split(ck["flow"], nnx.Param, ...)
+    history = {k: list(v) for k, v in meta["history"].items()}
+    history.setdefault("epoch_time_s", [])
+    rng = _new_rng(seed)
+    rng.bit_generator.state = ex["rng_state"]
+    return _TrainState(
+        graphdef=graphdef, params=params, rest=rest,
+        opt_state=unflatten_like(tx.init(params), ck["opt_state_flat"], "optimizer state"),
+        best_params=best_params, best_rest=best_rest, rng=rng, history=history,
+        epoch=int(meta["epoch"]), best_val=float(ex["best_val"]),
+        best_epoch=int(ex["best_epoch"]), since_best=int(ex["since_best"]))
+
+
+def _train_epoch(st: _TrainState, train_step, source, is_train, batch_size: int, dp) -> float:
+    """One pass over the training rows (shuffled by ``st.rng``); the mean training loss."""
+    losses, sizes = [], []
+    for t, x in source.iter_batches(st.rng, batch_size, is_train):
+        if dp is not None:
+            t, x = dp.batch(t, x)
+        st.params, st.rest, st.opt_state, loss = train_step(st.params, st.rest, st.opt_state,
+                                                            t, x)
+        losses.append(loss)  # stays on device: no sync per step
+        sizes.append(t.shape[0])
+    sizes = np.asarray(sizes, np.float64)
+    return float(np.sum(np.asarray(jax.device_get(losses), np.float64) * sizes)
+                 / max(sizes.sum(), 1.0))
+
+
+def _record_epoch(st: _TrainState, train_loss: float, val_loss: float, seconds: float) -> None:
+    """History and early-stopping bookkeeping: the best weights and epochs since them."""
+    st.epoch += 1
+    st.history["train_loss"].append(train_loss)
+    st.history["val_loss"].append(val_loss)
+    st.history["epoch_time_s"].append(seconds)
+    if val_loss < st.best_val:
+        st.best_val, st.best_epoch, st.since_best = val_loss, st.epoch, 0
+        st.best_params, st.best_rest = st.params, st.rest
+    else:
+        st.since_best += 1
+
+
+def _checkpoint(st: _TrainState, cfg: TrainConfig, extra: dict, dp) -> None:
+    """Save the best and the current weights with the optimizer state (process 0 only)."""
+    if cfg.checkpoint_dir is None or (dp is not None and jax.process_index() != 0):
+        return
+    extra = dict(extra, best_val=st.best_val, best_epoch=st.best_epoch,
+                 since_best=st.since_best, rng_state=st.rng.bit_generator.state)
+    save_checkpoint(cfg.checkpoint_dir, nnx.merge(st.graphdef, st.best_params, st.best_rest),
+                    train_config=cfg, opt_state=st.opt_state,
+                    current_flow=nnx.merge(st.graphdef, st.params, st.rest), epoch=st.epoch,
+                    history=st.history, extra=extra)
+
+
+def _best_flow(st: _TrainState, dp) -> Flow:
+    if not math.isfinite(st.best_val):
+        raise FloatingPointError("validation loss never became finite: training diverged")
+    best_params, best_rest = st.best_params, st.best_rest
+    if dp is not None:  # back to ordinary single-device arrays
+        best_params, best_rest = jax.tree_util.tree_map(
+            lambda a: jnp.asarray(np.asarray(a)), (best_params, best_rest))
+    return nnx.merge(st.graphdef, best_params, best_rest)
+
+
+def _checked_source(data, flow_config):
+    if data is None:
+        raise ValueError("fit needs data")
+    source = as_source(data)
+    fcfg = flow_config or FlowConfig.small(source.d_theta, source.d_context)
+    if (fcfg.d_theta, fcfg.d_context) != (source.d_theta, source.d_context):
+        raise ValueError(f"data dims (d_theta={source.d_theta}, d_context={source.d_context}) do "
+                         f"not match the FlowConfig ({fcfg.d_theta}, {fcfg.d_context})")
+    return source, fcfg
+
+
 def fit(key_or_seed, config: TrainConfig | None = None, flow_config: FlowConfig | None = None,
         data=None, *, resume_from: str | os.PathLike | None = None,
         flow: Flow | None = None, callback=None, mesh=None) -> TrainResult:
@@ -275,135 +403,54 @@ def fit(key_or_seed, config: TrainConfig | None = None, flow_config: FlowConfig 
             data and seed; only process 0 writes checkpoints.
     """
     cfg = config or TrainConfig()
-    if data is None:
-        raise ValueError("fit needs data")
-    source = as_source(data)
-    fcfg = flow_config or FlowConfig.small(source.d_theta, source.d_context)
-    if (fcfg.d_theta, fcfg.d_context) != (source.d_theta, source.d_context):
-        raise ValueError(f"data dims (d_theta={source.d_theta}, d_context={source.d_context}) do "
-                         f"not match the FlowConfig ({fcfg.d_theta}, {fcfg.d_context})")
+    source, fcfg = _checked_source(data, flow_config)
     seed = _seed_from(key_or_seed, cfg)
     is_val = _split_mask(source.n, cfg.val_fraction, seed)
     is_train = ~is_val
     n_val, n_train = int(is_val.sum()), int(is_train.sum())
     tx = _make_tx(cfg)
-
-    history = {"train_loss": [], "val_loss": [], "epoch_time_s": []}
-    start_epoch, best_val, best_epoch, since_best = 0, math.inf, 0, 0
-    rng = np.random.default_rng([seed, 0xB47C4])
-
-    if resume_from is not None and os.path.exists(os.path.join(os.fspath(resume_from), CHECKPOINT_JSON)):
-        ck = load_checkpoint(resume_from, fcfg)
-        meta = ck["meta"]
-        ex = meta.get("extra", {})
-        if ex.get("seed") != seed or ex.get("n") != source.n:
-            raise ValueError(f"cannot resume from {resume_from}: it was trained with seed "
-                             f"{ex.get('seed')} on n={ex.get('n')} rows, not seed {seed} on "
-                             f"n={source.n}")
-        old_tc = meta.get("train_config") or {}
-        for k in ("learning_rate", "batch_size", "clip_norm", "val_fraction"):
-            if old_tc.get(k) != getattr(cfg, k):
-                raise ValueError(f"cannot resume from {resume_from}: TrainConfig.{k} was "
-                                 f"{old_tc.get(k)!r}, now {getattr(cfg, k)!r}")
-        if ck["current_flow"] is None or ck["opt_state_flat"] is None:
-            raise ValueError(f"checkpoint {resume_from} has no optimizer state to resume from")
-        best_flow = ck["flow"]
-        model = ck["current_flow"]
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        opt_state = unflatten_like(tx.init(params), ck["opt_state_flat"], "optimizer state")
-        history = {k: list(v) for k, v in meta["history"].items()}
-        history.setdefault("epoch_time_s", [])
-        start_epoch = int(meta["epoch"])
-        best_val = float(ex["best_val"])
-        best_epoch = int(ex["best_epoch"])
-        since_best = int(ex["since_best"])
-        rng.bit_generator.state = ex["rng_state"]
-        _, best_params, best_rest = nnx.split(best_flow, nnx.Param, ...)
+    if resume_from is not None and os.path.exists(os.path.join(os.fspath(resume_from),
+                                                               CHECKPOINT_JSON)):
+        st = _resume_state(resume_from, cfg, fcfg, source, seed, tx)
     else:
-        if flow is not None:
-            model = flow
-            if model.config != fcfg:
-                raise ValueError("the initial flow's config differs from flow_config: "
-                                 + "; ".join(model.config.differences(fcfg, "checkpoint", "requested")))
-        else:
-            stats = streaming_stats(source, is_train)
-            model = init_flow(jax.random.PRNGKey(seed), fcfg, stats=stats)
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        opt_state = tx.init(params)
-        best_params, best_rest = params, rest
-
+        st = _fresh_state(cfg, fcfg, source, is_train, seed, tx, flow)
     dp = None
     if mesh is not None:
         dp = _DataParallel(mesh)
-        params, rest, opt_state, best_params, best_rest = dp.replicate(
-            (params, rest, opt_state, best_params, best_rest))
+        st.replicate(dp)
     # cached per (architecture, optimizer): repeated fits in one process compile once
-    train_step, eval_sum = _make_fns_cached(graphdef, cfg.learning_rate, cfg.clip_norm)
-    stopped_early = since_best >= cfg.patience
-    epoch = start_epoch
+    train_step, eval_sum = _make_fns_cached(st.graphdef, cfg.learning_rate, cfg.clip_norm)
+    extra = {"seed": seed, "n": source.n, "n_train": n_train, "n_val": n_val}
+    stopped_early = st.since_best >= cfg.patience
     pbar = None
     if cfg.progress:
         from tqdm.auto import tqdm
-        pbar = tqdm(total=cfg.max_epochs, initial=start_epoch, desc="training flow", unit="epoch")
-
-    def checkpoint(epoch_done: int):
-        if cfg.checkpoint_dir is None or (dp is not None and jax.process_index() != 0):
-            return
-        extra = {"seed": seed, "n": source.n, "n_train": n_train, "n_val": n_val,
-                 "best_val": best_val, "best_epoch": best_epoch, "since_best": since_best,
-                 "rng_state": rng.bit_generator.state}
-        save_checkpoint(cfg.checkpoint_dir, nnx.merge(graphdef, best_params, best_rest),
-                        train_config=cfg, opt_state=opt_state,
-                        current_flow=nnx.merge(graphdef, params, rest), epoch=epoch_done,
-                        history=history, extra=extra)
-
+        pbar = tqdm(total=cfg.max_epochs, initial=st.epoch, desc="training flow", unit="epoch")
     try:
-        while not stopped_early and epoch < cfg.max_epochs:
+        while not stopped_early and st.epoch < cfg.max_epochs:
             t0 = time.perf_counter()
-            losses, sizes = [], []
-            for t, x in source.iter_batches(rng, cfg.batch_size, is_train):
-                if dp is not None:
-                    t, x = dp.batch(t, x)
-                params, rest, opt_state, loss = train_step(params, rest, opt_state, t, x)
-                losses.append(loss)  # stays on device: no sync per step
-                sizes.append(t.shape[0])
-            sizes = np.asarray(sizes, np.float64)
-            train_loss = float(np.sum(np.asarray(jax.device_get(losses), np.float64) * sizes)
-                               / max(sizes.sum(), 1.0))
-            val_loss = _evaluate(eval_sum, params, rest, source, is_val,
+            train_loss = _train_epoch(st, train_step, source, is_train, cfg.batch_size, dp)
+            val_loss = _evaluate(eval_sum, st.params, st.rest, source, is_val,
                                  min(cfg.eval_batch_size, n_val), source.d_theta,
                                  source.d_context, dp)
-            epoch += 1
-            history["train_loss"].append(train_loss)
-            history["val_loss"].append(val_loss)
-            history["epoch_time_s"].append(time.perf_counter() - t0)
-            if val_loss < best_val:
-                best_val, best_epoch, since_best = val_loss, epoch, 0
-                best_params, best_rest = params, rest
-            else:
-                since_best += 1
-            stopped_early = since_best >= cfg.patience
-            if callback is not None and callback(epoch, train_loss, val_loss):
+            _record_epoch(st, train_loss, val_loss, time.perf_counter() - t0)
+            stopped_early = st.since_best >= cfg.patience
+            if callback is not None and callback(st.epoch, train_loss, val_loss):
                 stopped_early = True
             if pbar is not None:
                 pbar.update(1)
                 pbar.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}",
-                                 best=f"{best_val:.4f}@{best_epoch}")
-            if epoch % cfg.checkpoint_every == 0 or stopped_early or epoch >= cfg.max_epochs:
-                checkpoint(epoch)
+                                 best=f"{st.best_val:.4f}@{st.best_epoch}")
+            if st.epoch % cfg.checkpoint_every == 0 or stopped_early \
+                    or st.epoch >= cfg.max_epochs:
+                _checkpoint(st, cfg, extra, dp)
     finally:
         if pbar is not None:
             pbar.close()
-
-    if not math.isfinite(best_val):
-        raise FloatingPointError("validation loss never became finite: training diverged")
-    if dp is not None:  # back to ordinary single-device arrays
-        best_params, best_rest = jax.tree_util.tree_map(
-            lambda a: jnp.asarray(np.asarray(a)), (best_params, best_rest))
-    best = nnx.merge(graphdef, best_params, best_rest)
-    return TrainResult(flow=best, history=history, best_epoch=best_epoch, best_val_loss=best_val,
-                       stopped_early=stopped_early, epochs=epoch, n_train=n_train, n_val=n_val,
-                       seed=seed, checkpoint_dir=cfg.checkpoint_dir)
+    return TrainResult(flow=_best_flow(st, dp), history=st.history, best_epoch=st.best_epoch,
+                       best_val_loss=st.best_val, stopped_early=stopped_early, epochs=st.epoch,
+                       n_train=n_train, n_val=n_val, seed=seed,
+                       checkpoint_dir=cfg.checkpoint_dir)
 
 
 # ----------------------------------------------------------------------------------------------

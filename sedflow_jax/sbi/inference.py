@@ -1,32 +1,42 @@
-"""Posteriors for whole real catalogs: band masks, training-support checks, row flags and
-counts, then amortized draws and summaries."""
+"""Posteriors for real catalogs: band masks, training-support checks, row flags and counts,
+then row-keyed amortized draws and summaries.
+
+One path for every catalog: :func:`infer_rows` fits one block of catalog rows (read the
+photometry through a :class:`~sedflow_jax.io.catalog.ColumnSpec` -> masks and support checks ->
+:func:`~sedflow_jax.sbi.sampling.reject_to_box` keyed by global catalog row -> the one summary
+:func:`~sedflow_jax.sbi.summary.summary_columns`). :func:`infer_catalog` runs it on a whole
+table in memory (one block); :func:`sedflow_jax.sbi.streaming.infer_catalog_streaming` on
+chunks read from disk. Row g's draws depend only on (key, g): both give the same values.
+"""
 from __future__ import annotations
 
 import time
 from typing import NamedTuple
 
-import jax
 import numpy as np
 
 from ..io import catalog as C
 from ..sed.model import load_model
 from ..sim.layout import to_conditioning
+from ..util import as_key
 from .masks import support_fractions
-from .summary import summarize
+from .sampling import RowSampler, reject_to_box
+from .summary import summary_columns
 
-__all__ = ["CatalogInference", "NOISE_POLICIES", "scatter_rows", "noise_ood_rows",
-           "prepare_catalog", "infer_catalog"]
+__all__ = ["CatalogInference", "RowsResult", "NOISE_POLICIES", "scatter_rows", "resolve_z_range",
+           "noise_ood_rows", "prepare_catalog", "infer_rows", "infer_catalog"]
 
 
 class CatalogInference(NamedTuple):
     """What :func:`infer_catalog` returns.
 
-    table : astropy Table, one row per catalog row (NaN summaries for rows not fit), with
-        ``flag`` (row bits, :mod:`sedflow_jax.catalog`), ``band_flag_<band>`` (band bits),
-        ``n_bands_used``, ``fit`` (bool);
-    samples : :class:`sedflow_jax.posterior.Samples` of the fitted rows (``rows`` index them);
+    table : astropy Table, one row per catalog row (the ``keep`` columns, ``row``, summaries --
+        NaN for rows not fit --, ``acceptance``, ``n_accepted``, ``low_acceptance``, ``ood``,
+        ``fit`` (bool), ``flag`` (row bits, :mod:`sedflow_jax.io.catalog`), ``n_bands_used``,
+        ``band_flag_<band>`` (band bits));
+    samples : :class:`~sedflow_jax.sbi.sampling.Samples` of the fitted rows (``rows`` index them);
     rows : (m,) indices of the fitted rows; photometry : the reader's
-        :class:`sedflow_jax.catalog.Photometry` (mask updated by the support check);
+        :class:`~sedflow_jax.io.catalog.Photometry` (mask updated by the support check);
     report : JSON-ready dict of counts, support fractions, timings and acceptance.
     """
 
@@ -37,8 +47,23 @@ class CatalogInference(NamedTuple):
     report: dict
 
 
+class RowsResult(NamedTuple):
+    """What :func:`infer_rows` returns for a block of m catalog rows: ``columns`` (name -> (m,)
+    array, in output order), ``samples`` of the fitted rows, ``fit`` (m,) bool, the
+    ``photometry`` and the ``report`` of :func:`prepare_catalog`."""
+
+    columns: dict
+    samples: object
+    fit: np.ndarray
+    photometry: object
+    report: dict
+
+
 #: what to do with a band outside the training support (see :func:`infer_catalog`)
 NOISE_POLICIES = ("auto", "mask", "flag", "ood")
+
+#: values of the rows not fit, where NaN / 0 / False is not the right "nothing"
+_NOT_FIT = {"acceptance": 0.0}
 
 
 def scatter_rows(table, rows, n: int):
@@ -46,14 +71,18 @@ def scatter_rows(table, rows, n: int):
     (n,) selection or indices) and the others empty: NaN floats, 0 integers, False booleans."""
     from astropy.table import Table
 
-    full = Table()
-    for col in table.colnames:
-        v = np.asarray(table[col])
-        arr = np.full((n,) + v.shape[1:], np.nan if v.dtype.kind == "f" else 0,
-                      dtype=v.dtype if v.dtype.kind != "b" else bool)
+    return Table(_scatter({c: np.asarray(table[c]) for c in table.colnames}, rows, n))
+
+
+def _scatter(cols: dict, rows, n: int) -> dict:
+    out = {}
+    for name, v in cols.items():
+        v = np.asarray(v)
+        fill = _NOT_FIT.get(name, np.nan if v.dtype.kind == "f" else 0)
+        arr = np.full((n,) + v.shape[1:], fill, dtype=v.dtype if v.dtype.kind != "b" else bool)
         arr[rows] = v
-        full[col] = arr
-    return full
+        out[name] = arr
+    return out
 
 
 def noise_ood_rows(photometry) -> np.ndarray:
@@ -61,15 +90,7 @@ def noise_ood_rows(photometry) -> np.ndarray:
     return (((photometry.band_flag & C.BAND_NOISE_OOS) > 0) & photometry.mask).any(1)
 
 
-def prepare_catalog(posterior, catalog, *, snr_floor=None, noise_policy: str = "auto",
-                    min_bands=None, **read_kw):
-    """Read a catalog for ``posterior``: band masks, support checks, row flags (no sampling).
-
-    Arguments as :func:`infer_catalog`. Returns ``(photometry, x, use, report)``: the
-    :class:`~sedflow_jax.catalog.Photometry` with ``mask`` / ``band_flag`` / ``flag`` updated by
-    the support check, the conditioning x (n, 2 nb + 1) [mags, sigma_mags, z] (NaN where a
-    band cannot be measured), ``use`` (n,) rows to fit (``flag == 0``), and a dict of counts.
-    """
+def _policy(posterior, noise_policy: str) -> str:
     if noise_policy not in NOISE_POLICIES:
         raise ValueError(f"noise_policy must be one of {NOISE_POLICIES}, got {noise_policy!r}")
     aware = posterior.mask_aware
@@ -77,110 +98,177 @@ def prepare_catalog(posterior, catalog, *, snr_floor=None, noise_policy: str = "
     if policy == "mask" and not aware:
         raise ValueError("noise_policy='mask' needs a mask-aware posterior "
                          "(train_posterior(..., band_dropout=p))")
+    return policy
+
+
+def resolve_z_range(posterior, z_range):
+    """'prior' -> the posterior's prior redshift range (lo, hi]; None (no cut) or (lo, hi)."""
+    if isinstance(z_range, str) and z_range == "prior":
+        return (posterior.prior.zmin, posterior.prior.zmax)
+    return None if z_range is None else tuple(float(v) for v in z_range)
+
+
+def prepare_catalog(posterior, catalog, spec=None, *, noise_policy: str = "auto",
+                    min_bands=None, z_range="prior", **read_kw):
+    """Read a catalog for ``posterior``: band masks, support checks, row flags (no sampling).
+
+    spec : a :class:`~sedflow_jax.io.catalog.ColumnSpec`; ``read_kw`` override its fields
+    (``snr_floor=``, ``flux_fmt=``, ``vector_flux=``, ``extinction=``, ...). Other arguments as
+    :func:`infer_catalog`. Returns ``(photometry, x, use, report)``: the
+    :class:`~sedflow_jax.io.catalog.Photometry` with ``mask`` / ``band_flag`` / ``flag`` updated by
+    the support check, the conditioning x (n, 2 nb + 1) [mags, sigma_mags, z] (NaN where a
+    band cannot be measured), ``use`` (n,) rows to fit (``flag == 0``), and a dict of counts.
+    """
+    spec = C.ColumnSpec.make(spec, **read_kw)
+    policy = _policy(posterior, noise_policy)
+    aware = posterior.mask_aware
     if min_bands is None:
         min_bands = int(posterior.meta.get("band_mask", {}).get("min_bands", len(posterior.bands)))
-    ph = C.read_photometry(catalog, posterior.bands, z_range=(posterior.prior.zmin,
-                                                               posterior.prior.zmax),
-                           snr_floor=snr_floor, mask_bands=aware, min_bands=min_bands, **read_kw)
+    ph = C.read_photometry(catalog, posterior.bands, spec, z_range=resolve_z_range(posterior, z_range),
+                           mask_bands=aware, min_bands=min_bands)
     x = to_conditioning(ph.flux, ph.sigma, ph.z)
-    mask = ph.mask.copy()
-    band_flag = ph.band_flag.copy()
-    flag = ph.flag.copy()
-    support = posterior.support
-    report = {"n_rows": int(len(flag)), "reader_counts": dict(ph.counts),
+    report = {"n_rows": int(len(ph.flag)), "reader_counts": dict(ph.counts),
               "band_counts": {b: dict(v) for b, v in ph.band_counts.items()},
-              "noise_policy": policy, "mask_aware": bool(aware), "snr_floor": snr_floor}
-    if support is not None:
-        ins = support.band_inside(x)
-        oos = mask & ~ins & (flag == 0)[:, None]
-        report["support_fraction"] = support_fractions(support, x[flag == 0], mask[flag == 0])
-        report["n_bands_out_of_support"] = {b: int(oos[:, i].sum())
-                                            for i, b in enumerate(posterior.bands)}
-        band_flag[oos] |= C.BAND_NOISE_OOS
-        if policy == "mask":
-            mask &= ~oos
-            few = (flag == 0) & (mask.sum(1) < min_bands)
-            flag[few] |= C.FLAG_TOO_FEW_BANDS
-        elif policy == "flag":
-            flag[oos.any(1)] |= C.FLAG_NOISE_OOS
-        # policy 'ood': fit, with the row marked ood (see noise_ood_rows)
-        report["n_rows_noise_out_of_support"] = int(oos.any(1).sum())
+              "noise_policy": policy, "mask_aware": bool(aware), "snr_floor": spec.snr_floor}
+    mask, band_flag, flag = _support_check(posterior, x, ph, policy, min_bands, report)
     use = flag == 0
     if not aware:
         # the plain flow needs every band: rows the reader masked are flagged
         flag[use & ~mask.all(1)] |= C.FLAG_TOO_FEW_BANDS
         use = flag == 0
-    xs = x[use]
     # box check on the used entries (magnitudes beyond the training range, z)
-    ood_box = posterior.out_of_support(xs, mask[use] if aware else None)
+    ood_box = posterior.out_of_support(x[use], mask[use] if aware else None)
     report["n_rows_outside_training_range"] = int(ood_box.sum())
-    if policy != "ood":  # 'ood': fit, sample_batched marks them ood
+    if policy != "ood":  # 'ood': fit, the sampler marks them ood
         flag[np.flatnonzero(use)[ood_box]] |= C.FLAG_NOISE_OOS
     use = flag == 0
-    rows = np.flatnonzero(use)
-    report["n_rows_fit"] = int(rows.size)
-    report["n_rows_not_fit"] = int((~use).sum())
-    report["n_rows_fit_with_masked_bands"] = int((~mask[use]).any(1).sum())
-    report["n_masked_bands_in_fit_rows"] = {b: int((~mask[use, i]).sum())
-                                            for i, b in enumerate(posterior.bands)}
-    report["row_flag_counts"] = {name: int(np.sum(flag & bit > 0))
-                                 for bit, name in C.FLAG_NAMES.items()}
-    ph = ph._replace(mask=mask, band_flag=band_flag, flag=flag)
-    return ph, x, use, report
+    report.update(_fit_counts(posterior, mask, flag, use))
+    return ph._replace(mask=mask, band_flag=band_flag, flag=flag), x, use, report
 
 
-def infer_catalog(posterior, catalog, *, key=0, n_samples: int = 1000, n_derived: int = 200,
-                  model=None, snr_floor=None, noise_policy: str = "auto", min_bands=None,
-                  max_rows: int = 65536, derived: bool = True, **read_kw) -> CatalogInference:
-    """Posteriors for every usable row of a real catalog, with band masks and support checks.
+def _support_check(posterior, x, ph, policy, min_bands, report):
+    """(mask, band_flag, flag) after the training-support check of every used band."""
+    mask, band_flag, flag = ph.mask.copy(), ph.band_flag.copy(), ph.flag.copy()
+    support = posterior.support
+    if support is None:
+        return mask, band_flag, flag
+    ins = support.band_inside(x)
+    oos = mask & ~ins & (flag == 0)[:, None]
+    report["support_fraction"] = support_fractions(support, x[flag == 0], mask[flag == 0])
+    report["n_bands_out_of_support"] = {b: int(oos[:, i].sum())
+                                        for i, b in enumerate(posterior.bands)}
+    band_flag[oos] |= C.BAND_NOISE_OOS
+    if policy == "mask":
+        mask &= ~oos
+        few = (flag == 0) & (mask.sum(1) < min_bands)
+        flag[few] |= C.FLAG_TOO_FEW_BANDS
+    elif policy == "flag":
+        flag[oos.any(1)] |= C.FLAG_NOISE_OOS
+    # policy 'ood': fit, with the row marked ood (see noise_ood_rows)
+    report["n_rows_noise_out_of_support"] = int(oos.any(1).sum())
+    return mask, band_flag, flag
 
-    posterior : an :class:`~sedflow_jax.posterior.AmortizedPosterior` (mask-aware or not).
-    catalog : astropy Table or path; ``read_kw`` go to :func:`sedflow_jax.catalog.read_photometry`
-        (``vector_flux='MODELFLUX'``, ``vector_ivar=...``, ``extinction=...``, ``z_col='Z'``, ...).
-    snr_floor : bands with flux * sqrt(ivar) below it are masked (mask-aware) or flag the row.
+
+def _fit_counts(posterior, mask, flag, use) -> dict:
+    return {
+        "n_rows_fit": int(use.sum()), "n_rows_not_fit": int((~use).sum()),
+        "n_rows_fit_with_masked_bands": int((~mask[use]).any(1).sum()),
+        "n_masked_bands_in_fit_rows": {b: int((~mask[use, i]).sum())
+                                       for i, b in enumerate(posterior.bands)},
+        "row_flag_counts": {name: int(np.sum(flag & bit > 0))
+                            for bit, name in C.FLAG_NAMES.items()},
+    }
+
+
+def infer_rows(posterior, table, rows, *, sampler: RowSampler, key, spec=None,
+               max_rounds: int = 20, model=None, n_derived: int = 500,
+               noise_policy: str = "auto", min_bands=None, z_range="prior",
+               max_draws: int = 65536) -> RowsResult:
+    """Fit one block of catalog rows: the one inference step of every catalog path.
+
+    table : astropy Table of the block (the columns ``spec`` names); rows : (m,) their global
+    catalog row indices (the draws' keys); sampler : a :class:`RowSampler` of the posterior's
+    flow (n draws per galaxy); key : a typed ``jax.random`` key; model / n_derived : derived
+    property summaries (None: none); max_draws : galaxies x draws per derived-property group.
+    Output columns, in order: ``spec.keep``, ``row``, :func:`summary_columns` (``ood`` also set
+    for rows outside the redshift range or the training support), ``fit``, ``flag``,
+    ``n_bands_used``, ``band_flag_<band>``; rows not fit hold NaN / 0 / False.
+    """
+    spec = C.ColumnSpec() if spec is None else spec
+    rows = np.asarray(rows, np.int64)
+    t0 = time.perf_counter()
+    ph, x, use, report = prepare_catalog(posterior, table, spec, noise_policy=noise_policy,
+                                         min_bands=min_bands, z_range=z_range)
+    t1 = time.perf_counter()
+    smp = reject_to_box(posterior, sampler, key, x[use], rows[use], sampler.n, int(max_rounds),
+                        mask=ph.mask[use] if posterior.mask_aware else None)
+    t2 = time.perf_counter()
+    summ = summary_columns(smp, model=model, z=ph.z[use], n_derived=n_derived,
+                           max_draws=max_draws)
+    cols = {name: np.asarray(table[name]) for name in spec.keep}
+    cols["row"] = rows
+    cols.update(_scatter(summ, use, len(rows)))
+    cols["ood"] |= ((ph.flag & (C.FLAG_Z_RANGE | C.FLAG_NOISE_OOS)) > 0) | \
+        (noise_ood_rows(ph) & use)
+    cols["fit"] = use
+    cols["flag"] = ph.flag.astype(np.int64)
+    cols["n_bands_used"] = ph.mask.sum(1).astype(np.int64)
+    for i, b in enumerate(posterior.bands):
+        cols[f"band_flag_{b}"] = ph.band_flag[:, i].astype(np.int64)
+    report.update(time_read_s=t1 - t0, time_sample_s=t2 - t1,
+                  time_summary_s=time.perf_counter() - t2)
+    return RowsResult(cols, smp, use, ph, report)
+
+
+def infer_catalog(posterior, catalog, spec=None, *, key=0, n_samples: int = 1000,
+                  n_derived: int = 200, model=None, noise_policy: str = "auto", min_bands=None,
+                  max_rows: int = 65536, max_rounds: int = 20, derived: bool = True,
+                  z_range="prior", mesh=None, **read_kw) -> CatalogInference:
+    """Posteriors for every usable row of a real catalog, with band masks and support checks:
+    :func:`infer_rows` on the whole table (one block, in memory).
+
+    posterior : an :class:`~sedflow_jax.sbi.posterior.AmortizedPosterior` (mask-aware or not).
+    catalog : astropy Table or path. spec : a :class:`~sedflow_jax.io.catalog.ColumnSpec` (where
+        the fluxes, redshift, extinction and kept columns are); ``read_kw`` override its fields
+        (``vector_flux='MODELFLUX'``, ``vector_ivar=...``, ``extinction=...``, ``z_col='Z'``,
+        ``snr_floor=...``, ``keep=('objid',)``, ...).
+    snr_floor (a spec field) : bands with flux * sqrt(ivar) below it are masked (mask-aware) or
+        flag the row.
     noise_policy : what to do with a band whose (mag, sigma_mag) lies outside the training
         support: 'mask' (mask it; the row is flagged if fewer than ``min_bands`` remain),
         'flag' (flag the row ``FLAG_NOISE_OOS``, do not fit it), 'ood' (fit it, mark the row
         ``ood`` and the band ``BAND_NOISE_OOS``: an extrapolation, counted), 'auto' = 'mask'
-        for mask-aware posteriors, else 'ood' (what ``infer`` always did with x outside the
-        training range).
+        for mask-aware posteriors, else 'ood'.
+    key : int seed or ``jax.random`` key; row g's draws depend only on (key, g).
+    max_rows : galaxies x draws per compiled sampling call (and derived-property group).
+    derived / model / n_derived : derived-property summaries (``model`` default: loaded for the
+        posterior's bands). z_range : 'prior' (default), (lo, hi] or None.
     Rows with a flag are not fit. Returns a :class:`CatalogInference`.
     """
+    from astropy.table import Table
+
     t0 = time.perf_counter()
-    ph, x, use, report = prepare_catalog(posterior, catalog, snr_floor=snr_floor,
-                                         noise_policy=noise_policy, min_bands=min_bands,
-                                         **read_kw)
-    aware = posterior.mask_aware
-    mask, band_flag, flag = ph.mask, ph.band_flag, ph.flag
-    rows = np.flatnonzero(use)
-    t_read = time.perf_counter() - t0
-    k = jax.random.key(key) if isinstance(key, (int, np.integer)) else key
-    t1 = time.perf_counter()
-    s = posterior.sample_batched(k, x[rows], n_samples, mask=mask[rows] if aware else None,
-                                 max_rows=max_rows)
-    t_sample = time.perf_counter() - t1
-    if derived:
-        if model is None:
-            model = load_model(filters=list(posterior.bands), z_max=posterior.prior.zmax)
-        summ = summarize(s, model=model, z=ph.z[rows], n_derived=n_derived)
-    else:
-        summ = summarize(s)
-    t_total = time.perf_counter() - t0
-    full = scatter_rows(summ, rows, len(flag))
-    full["ood"] = np.asarray(full["ood"], bool) | (noise_ood_rows(ph) & use)
-    full["fit"] = use
-    full["flag"] = flag
-    full["n_bands_used"] = mask.sum(1)
-    for i, b in enumerate(posterior.bands):
-        full[f"band_flag_{b}"] = band_flag[:, i]
-    acc = np.asarray(s.acceptance, float)
+    spec = C.ColumnSpec.make(spec, **read_kw)
+    table = C.read_table(catalog)
+    spec.check(table.colnames, posterior.bands)
+    if derived and model is None:
+        model = load_model(filters=list(posterior.bands), z_max=posterior.prior.zmax)
+    sampler = RowSampler(posterior.flow, int(n_samples), mesh=mesh, max_rows=max_rows)
+    res = infer_rows(posterior, table, np.arange(len(table)), sampler=sampler, key=as_key(key),
+                     spec=spec, max_rounds=max_rounds, model=model if derived else None,
+                     n_derived=n_derived, noise_policy=noise_policy, min_bands=min_bands,
+                     z_range=z_range, max_draws=max_rows)
+    full = Table(res.columns)
+    report = dict(res.report)
+    acc = np.asarray(res.samples.acceptance, float)
+    n_fit = int(res.fit.sum())
     report.update({
         "n_samples": int(n_samples),
         "acceptance_mean": float(acc.mean()) if acc.size else float("nan"),
         "acceptance_median": float(np.median(acc)) if acc.size else float("nan"),
-        "n_low_acceptance": int(np.sum(s.low_acceptance)),
-        "time_read_s": t_read, "time_sample_s": t_sample, "time_total_s": t_total,
-        "galaxies_per_s_sampling": float(rows.size / max(t_sample, 1e-9)),
+        "n_low_acceptance": int(np.sum(res.samples.low_acceptance)),
+        "time_total_s": time.perf_counter() - t0,
+        "galaxies_per_s_sampling": float(n_fit / max(report["time_sample_s"], 1e-9)),
     })
     full.meta["report"] = report
-    return CatalogInference(full, s, rows, ph, report)
+    return CatalogInference(full, res.samples, np.flatnonzero(res.fit), res.photometry, report)

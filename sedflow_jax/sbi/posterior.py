@@ -13,7 +13,6 @@ import dataclasses
 import json
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -22,7 +21,7 @@ from ..nn import flow as F
 from ..sim import prior as P
 from ..util import atomic_write_json
 from .masks import TrainingSupport, apply_mask
-from .sampling import LOW_ACCEPTANCE, Samples
+from .sampling import Samples, sample_rows
 
 
 #: what the flow models: "box" = the sampling-space point itself (SEDflow; draws outside the
@@ -62,6 +61,11 @@ class LogitTheta:
     def iter_batches(self, rng, batch_size, rows):
         for t, x in self.source.iter_batches(rng, batch_size, rows):
             yield box_to_logit(t, self.low, self.high), x
+
+
+def prior_from_dict(d: dict) -> P.Prior:
+    """The :class:`~sedflow_jax.sim.prior.Prior` of its JSON form (``dataclasses.asdict``)."""
+    return P.Prior(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 @dataclasses.dataclass
@@ -134,6 +138,16 @@ class AmortizedPosterior:
             good = np.isfinite(xs) & (xs >= self.x_lo) & (xs <= self.x_hi)
         return ~(good | ~used).all(1)
 
+    def context(self, xs, mask=None):
+        """``(the flow's context (m, d_c), ood (m,) bool)`` of x (m, 2 nb + 1) and an optional
+        band mask: :meth:`condition` and :meth:`out_of_support` (a mask-aware posterior without
+        a mask uses every band; a plain one refuses masked bands)."""
+        xs = np.atleast_2d(np.asarray(xs, np.float32))
+        if not self.mask_aware:
+            return self.condition(xs, mask), self.out_of_support(xs)
+        full = mask if mask is not None else np.ones((xs.shape[0], len(self.bands)), bool)
+        return self.condition(xs, mask), self.out_of_support(xs, full)
+
     @property
     def theta_space(self) -> str:
         """'box' (SEDflow: the flow models the sampling-space point, rejection to the prior box)
@@ -149,9 +163,6 @@ class AmortizedPosterior:
         if self.theta_space == "box":
             return np.asarray(draws)
         return logit_to_box(draws, *self._box())
-
-    def _in_prior(self, s):
-        return np.asarray(P.in_support(self.prior, jnp.asarray(s)))
 
     # ------------------------------------------------------------------ sampling
     def log_prob(self, s, x, mask=None):
@@ -190,63 +201,13 @@ class AmortizedPosterior:
         Non-finite contexts are not sampled (all NaN, acceptance 0, ood True).
         mask : (m, n_bands) bool, True = band used (mask-aware posteriors; masked entries of xs
         may be NaN). Without it a mask-aware posterior uses every band.
+        The rejection loop is :func:`sedflow_jax.sbi.sampling.reject_to_box`: this equals
+        ``sample_rows(self, key, xs, arange(m), n, ...)`` (row j drawn with ``fold_in(key, j)``
+        in round 0), at most ``max_rows`` draws per compiled call.
         """
         xs = np.atleast_2d(np.asarray(xs, np.float32))
-        if self.mask_aware:
-            ood = self.out_of_support(xs, mask if mask is not None else
-                                      np.ones((xs.shape[0], len(self.bands)), bool))
-            xs = self.condition(xs, mask)
-        else:
-            self.condition(xs, mask)  # refuses masks with masked bands
-            ood = self.out_of_support(xs)
-        m, d = xs.shape[0], self.flow.config.d_theta
-        finite = np.isfinite(xs).all(1)
-        s_out = np.full((m, n, d), np.nan, np.float32)
-        filled = np.zeros(m, int)
-        drawn = np.zeros(m, int)
-        inside = np.zeros(m, int)
-        todo = np.flatnonzero(finite)
-        per_call = max(1, max_rows // max(n, 1))
-        # one compiled shape for every round: calls get `bucket` rows (or more, chunked at
-        # per_call); later rounds repeat the galaxies still short of n draws over those rows
-        bucket = min(per_call, 1 << int(np.ceil(np.log2(max(todo.size, 1)))))
-        for r in range(max_rounds):
-            if todo.size == 0:
-                break
-            k = jax.random.fold_in(key, r)
-            if todo.size >= bucket:
-                who = todo
-                n_real = who.size
-            else:
-                need = n - filled[todo]
-                acc_g = np.where(drawn[todo] > 0, inside[todo] / np.maximum(drawn[todo], 1), 1.0)
-                want = np.ceil(need / (np.maximum(acc_g, 0.02) * n)).astype(int)
-                extra = np.maximum(want - 1, 0)  # share the spare rows by need
-                spare = bucket - todo.size
-                if extra.sum() > spare:
-                    extra = np.floor(extra * (spare / extra.sum())).astype(int)
-                who = np.repeat(todo, 1 + extra)
-                n_real = who.size
-                if who.size < bucket:
-                    who = np.concatenate([who, np.repeat(who[-1:], bucket - who.size)])
-            sub = xs[who]
-            draws = self.flow_to_sampling(F.sample_batched(self.flow, k, sub, n,
-                                                           max_rows=max_rows))
-            ok = self._in_prior(draws.reshape(-1, d)).reshape(who.size, n)
-            for i, g in enumerate(who[:n_real]):  # padding rows are discarded
-                if filled[g] >= n:  # surplus repeats of a galaxy already filled
-                    continue
-                drawn[g] += n
-                inside[g] += ok[i].sum()
-                take = draws[i][ok[i]][: n - filled[g]]
-                s_out[g, filled[g]:filled[g] + len(take)] = take
-                filled[g] += len(take)
-            todo = todo[filled[todo] < n]
-        acc = np.where(drawn > 0, inside / np.maximum(drawn, 1), 0.0)
-        theta = np.asarray(P.from_sampling(jnp.asarray(np.nan_to_num(s_out))))
-        theta = np.where(np.isnan(s_out[..., :1]), np.nan, theta)
-        return Samples(theta=theta, s=s_out, acceptance=acc, n_accepted=filled,
-                       low_acceptance=(acc < LOW_ACCEPTANCE) | (filled < n), ood=ood)
+        return sample_rows(self, key, xs, np.arange(xs.shape[0]), n, max_rounds=max_rounds,
+                           max_rows=max_rows, mask=mask)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path):
@@ -269,9 +230,7 @@ class AmortizedPosterior:
         except json.JSONDecodeError as exc:
             raise ValueError(f"{info_path} is corrupt: {exc}") from exc
         flow = checkpoint.load_flow(p)
-        pr = info["prior"]
-        prior = P.Prior(**{k: tuple(v) if isinstance(v, list) else v for k, v in pr.items()})
-        return cls(flow=flow, prior=prior, bands=tuple(info["bands"]),
+        return cls(flow=flow, prior=prior_from_dict(info["prior"]), bands=tuple(info["bands"]),
                    x_lo=np.asarray(info["x_lo"], float), x_hi=np.asarray(info["x_hi"], float),
                    meta=info.get("meta", {}))
 
@@ -288,11 +247,4 @@ def sample_batched(posterior: AmortizedPosterior, key, xs, n: int, **kw) -> Samp
 
 def log_prob(posterior: AmortizedPosterior, s, x):
     return posterior.log_prob(s, x)
-
-
-# ------------------------------------------------------------------ summaries
-
-
-# ------------------------------------------------------------------ training an amortized posterior
-
 

@@ -28,6 +28,9 @@ __all__ = ["LOW_ACCEPTANCE", "Samples", "RowSampler", "reject_to_box", "sample_r
 #: acceptance below this is flagged (the posterior sits mostly outside the prior box)
 LOW_ACCEPTANCE = 0.01
 
+#: draws a compiled sampling call holds at least (smaller calls are padded up to it)
+MIN_GROUP_DRAWS = 4096
+
 
 class Samples(NamedTuple):
     """Posterior draws of one galaxy (or many: a leading axis m).
@@ -73,9 +76,10 @@ def _sample_fn(graphdef, n: int, sampler: str, mesh):
 
 class RowSampler:
     """Flow draws for rows ``idx`` with key ``fold_in(key, idx[j])`` (as flow.sample_batched
-    does for position j), optionally over a mesh. Every call runs groups of one fixed size
-    (``max_rows // n`` galaxies, a multiple of the device count; short groups are padded):
-    compiling the sampler costs seconds, running a padded group milliseconds."""
+    does for position j), optionally over a mesh. Calls run groups of at most ``max_rows // n``
+    galaxies (memory: rows x draws), a multiple of the device count; a call with fewer rows
+    runs one group padded only to the next power of two (a bounded number of compiled shapes,
+    and a small call is not padded up to a full group)."""
 
     def __init__(self, flow, n: int, *, mesh=None, max_rows: int = 65536,
                  sampler: str = "prefix"):
@@ -87,11 +91,20 @@ class RowSampler:
         g = max(1, int(max_rows) // max(self.n, 1))
         self.group = math.ceil(g / self.ndev) * self.ndev
 
+    def group_for(self, m: int) -> int:
+        """Galaxies per compiled call for a call of m rows: the next power of two, at least
+        :data:`MIN_GROUP_DRAWS` draws' worth (cheap to run; fewer shapes to compile), at most
+        the memory-bounded group."""
+        g = max(1 << max(0, int(m) - 1).bit_length(),
+                1 << max(0, MIN_GROUP_DRAWS // max(self.n, 1) - 1).bit_length())
+        return math.ceil(min(self.group, g) / self.ndev) * self.ndev
+
     def from_sampling(self, s_out):
         """theta of sampling-space draws (m, n, 11), evaluated in padded groups (a bounded
         number of compilations whatever m is)."""
         m = s_out.shape[0]
-        step = self.group * max(1, 4096 // max(self.group * self.n, 1))
+        group = self.group_for(m)
+        step = group * max(1, 4096 // max(group * self.n, 1))
         padded, _ = parallel.pad_rows(np.nan_to_num(s_out), max(1, math.ceil(m / step)) * step)
         theta = np.concatenate([np.asarray(prior_mod.from_sampling(jnp.asarray(
             padded[i:i + step]))) for i in range(0, padded.shape[0], step)])[:m]
@@ -103,11 +116,12 @@ class RowSampler:
         m = idx.shape[0]
         out = np.empty((m, self.n, self.d), np.float32)
         key = key if self.mesh is None else parallel.replicate(key, self.mesh)
+        group = self.group_for(m)
         pending = []  # dispatch every group first (asynchronous), then collect
-        for s in range(0, m, self.group):
-            e = min(m, s + self.group)
-            ii, _ = parallel.pad_rows(idx[s:e], self.group)
-            xx, _ = parallel.pad_rows(xs[s:e], self.group)
+        for s in range(0, m, group):
+            e = min(m, s + group)
+            ii, _ = parallel.pad_rows(idx[s:e], group)
+            xx, _ = parallel.pad_rows(xs[s:e], group)
             if self.mesh is not None:
                 sh = NamedSharding(self.mesh, parallel.row_spec(self.mesh))
                 ii, xx = parallel.place(ii, sh), parallel.place(xx, sh)
@@ -117,34 +131,48 @@ class RowSampler:
         return out
 
 
-def reject_to_box(posterior, sampler: RowSampler, key, xs, rows, n: int, max_rounds: int):
-    """posterior.sample_batched's prior-support rejection, with row-keyed draws."""
-    xs = np.atleast_2d(np.asarray(xs, np.float32))
+def _empty_samples(n: int, d: int) -> Samples:
+    z0 = np.zeros(0)
+    return Samples(theta=np.zeros((0, n, prior_mod.N_PARAMS), np.float32),
+                   s=np.zeros((0, n, d), np.float32), acceptance=z0,
+                   n_accepted=z0.astype(np.int64), low_acceptance=z0.astype(bool),
+                   ood=z0.astype(bool))
+
+
+def _check_rows(rows, m: int) -> np.ndarray:
     rows = np.asarray(rows, np.int64)
-    if rows.shape != (xs.shape[0],):
-        raise ValueError(f"rows must have shape ({xs.shape[0]},), got {rows.shape}")
+    if rows.shape != (m,):
+        raise ValueError(f"rows must have shape ({m},), got {rows.shape}")
     if rows.size and (rows.min() < 0 or rows.max() >= 2 ** 32):
         raise ValueError("rows must be in [0, 2**32)")
+    return rows
+
+
+def reject_to_box(posterior, sampler: RowSampler, key, xs, rows, n: int, max_rounds: int, *,
+                  mask=None) -> Samples:
+    """The one prior-support rejection loop (``sample_batched``, ``sample_rows``, catalog
+    inference): ``n`` draws per context, draws outside the prior box redrawn for up to
+    ``max_rounds`` rounds (round r, row g: key ``fold_in(fold_in(key, r), g)``); galaxies still
+    short are NaN-padded and flagged ``low_acceptance``. Non-finite contexts are not sampled.
+
+    xs : (m, 2 nb + 1) [mags, sigma_mags, z] (a plain posterior's own context otherwise);
+    mask : (m, nb) bool band mask (True = used) of a mask-aware posterior (None: every band).
+    """
+    xs = np.atleast_2d(np.asarray(xs, np.float32))
+    rows = _check_rows(rows, xs.shape[0])
     m, d = xs.shape[0], posterior.flow.config.d_theta
     if m == 0:
-        z0 = np.zeros(0)
-        return Samples(theta=np.zeros((0, n, prior_mod.N_PARAMS), np.float32),
-                                s=np.zeros((0, n, d), np.float32), acceptance=z0,
-                                n_accepted=z0.astype(np.int64), low_acceptance=z0.astype(bool),
-                                ood=z0.astype(bool))
-    ood = posterior.out_of_support(xs)
-    finite = np.isfinite(xs).all(1)
+        return _empty_samples(n, d)
+    ctx, ood = posterior.context(xs, mask)
+    todo = np.flatnonzero(np.isfinite(ctx).all(1))
     lo, hi = (np.asarray(a, np.float32) for a in prior_mod.sampling_bounds(posterior.prior))
     s_out = np.full((m, n, d), np.nan, np.float32)
-    filled = np.zeros(m, np.int64)
-    drawn = np.zeros(m, np.int64)
-    inside = np.zeros(m, np.int64)
-    todo = np.flatnonzero(finite)
+    filled, drawn, inside = (np.zeros(m, np.int64) for _ in range(3))
     for r in range(max_rounds):
         if todo.size == 0:
             break
         draws = posterior.flow_to_sampling(sampler(jax.random.fold_in(key, r), rows[todo],
-                                                   xs[todo]))
+                                                   ctx[todo]))
         # prior_mod.in_support in numpy (closed box, NaN outside): no shape-dependent compiles
         ok = np.all((draws >= lo) & (draws <= hi), axis=-1)
         drawn[todo] += n
@@ -156,23 +184,23 @@ def reject_to_box(posterior, sampler: RowSampler, key, xs, rows, n: int, max_rou
         filled[todo] += sel.sum(1)
         todo = todo[filled[todo] < n]
     acc = np.where(drawn > 0, inside / np.maximum(drawn, 1), 0.0)
-    theta = sampler.from_sampling(s_out)
-    return Samples(theta=theta, s=s_out, acceptance=acc, n_accepted=filled,
-                            low_acceptance=(acc < LOW_ACCEPTANCE) | (filled < n),
-                            ood=ood)
+    return Samples(theta=sampler.from_sampling(s_out), s=s_out, acceptance=acc,
+                   n_accepted=filled, low_acceptance=(acc < LOW_ACCEPTANCE) | (filled < n),
+                   ood=ood)
 
 
 def sample_rows(posterior, key, xs, rows, n: int, *, mesh=None, max_rounds: int = 20,
-                max_rows: int = 65536, sampler: str = "prefix"):
+                max_rows: int = 65536, sampler: str = "prefix", mask=None):
     """``n`` posterior draws for each context ``xs[j]`` ((m, d_x)) identified by its global
     catalog row ``rows[j]`` (unique ints), with the prior-support rejection of
-    :meth:`~sedflow_jax.posterior.AmortizedPosterior.sample_batched`.
+    :func:`reject_to_box` (``mask``: band masks of a mask-aware posterior).
 
     Row ``g`` in rejection round ``r`` uses the key ``fold_in(fold_in(key, r), g)``, so a
     galaxy's draws depend only on (key, g): not on which other rows share the call, on the
-    chunking, on ``mesh`` (devices used to split the rows) or on ``max_rows``. With
-    ``rows = arange(m)`` and ``max_rounds=1`` the draws equal ``posterior.sample_batched``'s.
-    Returns :class:`sedflow_jax.posterior.Samples`.
+    chunking, on ``mesh`` (devices used to split the rows) or on ``max_rows``.
+    :meth:`~sedflow_jax.sbi.posterior.AmortizedPosterior.sample_batched` is this with
+    ``rows = arange(m)``. Returns :class:`Samples`.
     """
     smp = RowSampler(posterior.flow, n, mesh=mesh, max_rows=max_rows, sampler=sampler)
-    return reject_to_box(posterior, smp, as_key(key), xs, rows, int(n), int(max_rounds))
+    return reject_to_box(posterior, smp, as_key(key), xs, rows, int(n), int(max_rounds),
+                         mask=mask)

@@ -1,5 +1,22 @@
 """Streaming catalog inference: catalogs too large for memory, in chunks written to a work
-folder (resumable, split over devices and hosts), assembled into one HDF5 file."""
+folder (resumable, split over devices and hosts), assembled into one HDF5 file. Every chunk is fit by
+:func:`sedflow_jax.sbi.inference.infer_rows`, the step of ``infer_catalog``: same values.
+
+Output (``out``, HDF5): ``summary``, a table (compound) dataset with one row per catalog row
+in order -- the columns of :func:`~sedflow_jax.sbi.inference.infer_rows` (kept columns,
+``row``, ``<param>_p50/_p16/_p84``, derived properties with ``model``, ``acceptance``,
+``n_accepted``, ``low_acceptance``, ``ood``, ``fit``, ``flag``, ``n_bands_used``,
+``band_flag_<band>``; unusable rows hold NaN / 0) -- readable with
+``astropy.table.Table.read(out, path='summary')``; with ``store_samples``
+``samples/theta``; attributes ``run`` (JSON: the configuration and its sha256), ``stats``
+(JSON: usable rows, mean acceptance, ...), ``param_names``, ``bands``. Each row is written
+exactly once: nothing is duplicated or lost across kills.
+
+Work folder (``out + '.parts'``): ``run.json`` (configuration), ``chunk_{i:06d}.npz`` (one
+per finished chunk, written atomically), ``progress.json`` (``progress.host{p}.json`` per
+host): the finished chunks with their rows, sha256 and timing. A rerun with the same
+arguments skips the chunks on disk; other arguments are refused unless ``overwrite``.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -20,16 +37,16 @@ from flax import nnx
 from .. import parallel
 from ..io import catalog as C
 from ..io.tables import CatalogReader
-from ..sed.params import N_PARAMS, PARAM_NAMES
-from ..sim.layout import to_conditioning
+from ..sed.params import PARAM_NAMES
 from ..sim.simulate import tables_sha256
 from ..util import (as_key, atomic_write_bytes, atomic_write_json, canonical_json, jsonable,
                     package_version, sha256_arrays, temp_name, utc_now)
-from .sampling import RowSampler, reject_to_box
-from .summary import DERIVED, derived_samples, nanpercentile_rows
+from .inference import infer_rows, resolve_z_range
+from .sampling import RowSampler
 
-__all__ = ["INFER_FORMAT", "InferenceResult", "infer_catalog_streaming", "finalize_inference",
-           "read_inference", "infer_distributed"]
+__all__ = ["INFER_FORMAT", "MAX_CHUNK_DRAWS", "InferenceResult", "plan_chunk_rows",
+           "infer_catalog_streaming", "finalize_inference", "read_inference",
+           "infer_distributed"]
 
 
 INFER_FORMAT = "sedflow_jax.inference"
@@ -77,45 +94,6 @@ def _read_json(path: str):
         return json.load(fh)
 
 
-def _chunk_summary(posterior, samples, *, use, flag, z, rows, model, n_derived, z_fill,
-                   chunk_rows, keep):
-    """Per-row output columns of one chunk (all rows, unusable ones NaN / 0 / False)."""
-    m = use.shape[0]
-    cols = {name: keep[name] for name in keep}
-    cols["row"] = rows.astype(np.int64)
-    th = np.full((m, samples.theta.shape[1], N_PARAMS), np.nan, np.float32)
-    th[use] = samples.theta
-    with np.errstate(all="ignore"):
-        q = nanpercentile_rows(th, [16, 50, 84])
-    for i, name in enumerate(PARAM_NAMES):
-        cols[f"{name}_p50"] = q[1][:, i].astype(np.float64)
-        cols[f"{name}_p16"] = q[0][:, i].astype(np.float64)
-        cols[f"{name}_p84"] = q[2][:, i].astype(np.float64)
-    if model is not None:
-        # fixed shape (chunk_rows, k, 12) -> one compilation for every chunk
-        zz = np.where(use & (z > 0) & (z <= model.config.z_max), z, z_fill)
-        thp, _ = parallel.pad_rows(th, chunk_rows) if m < chunk_rows else (th, m)
-        zp, _ = parallel.pad_rows(zz, chunk_rows) if m < chunk_rows else (zz, m)
-        der = derived_samples(model, thp, zp, n_derived)
-        with np.errstate(all="ignore"):
-            for name in DERIVED:
-                v = np.where(use[:, None], der[name][:m], np.nan)
-                qq = nanpercentile_rows(v[..., None], [16, 50, 84])[..., 0]
-                cols[f"{name}_p50"], cols[f"{name}_p16"], cols[f"{name}_p84"] = qq[1], qq[0], qq[2]
-    acc = np.zeros(m, np.float64)
-    acc[use] = samples.acceptance
-    nacc = np.zeros(m, np.int64)
-    nacc[use] = samples.n_accepted
-    low = np.zeros(m, bool)
-    low[use] = samples.low_acceptance
-    ood = np.zeros(m, bool)
-    ood[use] = samples.ood
-    ood |= (flag & C.FLAG_Z_RANGE) > 0
-    cols.update(acceptance=acc, n_accepted=nacc, low_acceptance=low, ood=ood,
-                flag=flag.astype(np.int64))
-    return cols, th
-
-
 def _progress_name(pidx: int, pcount: int) -> str:
     return "progress.json" if pcount == 1 else f"progress.host{pidx}.json"
 
@@ -160,231 +138,285 @@ def _done_chunks(parts: str, mine, config_sha: str) -> dict:
     return done
 
 
-def infer_catalog_streaming(posterior, catalog, out, *, n_samples: int = 1000, key=0,
-                            chunk_rows: int = 16384, max_rounds: int = 20,
+#: draws held in memory per chunk at most (rows x n_samples): ~0.8 GB of float32 (theta, s)
+MAX_CHUNK_DRAWS = 1 << 23
+
+
+def plan_chunk_rows(chunk_rows: int, n_samples: int, n_rows: int,
+                    max_chunk_draws: int = MAX_CHUNK_DRAWS) -> int:
+    """Catalog rows per chunk: ``chunk_rows`` at most, sized by memory (rows x ``n_samples``
+    draws <= ``max_chunk_draws``), never more than the catalog has (a small catalog is one
+    chunk of its own size, not padded to ``chunk_rows``)."""
+    by_memory = max(1, int(max_chunk_draws) // max(int(n_samples), 1))
+    return max(1, min(int(chunk_rows), by_memory, max(int(n_rows), 1)))
+
+
+class _Plan(NamedTuple):
+    """A run's configuration (hashed: resuming needs the same) and its chunks."""
+
+    config: dict
+    sha: str
+    n_rows: int
+    chunk_rows: int
+    chunks: list  # every chunk: {index, file, row_start, row_stop}
+    mine: list  # the chunks this process computes
+    pidx: int
+    pcount: int
+
+    @property
+    def n_chunks(self) -> int:
+        return len(self.chunks)
+
+
+def infer_catalog_streaming(posterior, catalog, out, spec=None, *, n_samples: int = 1000,
+                            key=0, chunk_rows: int = 16384, max_rounds: int = 20,
                             max_rows: int = 65536, mesh=None, hosts=None, model=None,
                             n_derived: int = 500, store_samples: bool = False,
                             keep_columns: Sequence[str] = (), hdu=None, hdf5_path=None,
-                            z_range="prior", flux_fmt: str = "flux_{band}",
-                            ivar_fmt: str = "flux_ivar_{band}", z_col: str = "z",
-                            vector_flux=None, vector_ivar=None, overwrite: bool = False,
-                            finalize: Optional[bool] = None, keep_parts: Optional[bool] = None,
-                            progress: bool = True, _stop_after_chunks: Optional[int] = None,
-                            _on_chunk=None) -> InferenceResult:
+                            z_range="prior", noise_policy: str = "auto", min_bands=None,
+                            overwrite: bool = False, finalize: Optional[bool] = None,
+                            keep_parts: Optional[bool] = None, progress: bool = True,
+                            _stop_after_chunks: Optional[int] = None, _on_chunk=None,
+                            **columns) -> InferenceResult:
     """Posterior summaries (and optionally samples) of every row of a catalog too large for
-    memory, written to one HDF5 file; resumable, and splittable over devices and hosts.
+    memory, written to one HDF5 file; resumable, and splittable over devices and hosts. Each
+    chunk is fit by :func:`sedflow_jax.sbi.inference.infer_rows`, the step of
+    :func:`~sedflow_jax.sbi.inference.infer_catalog`: the values are the same. Output and work
+    folder: see the module documentation.
 
     Args:
-        posterior: :class:`sedflow_jax.posterior.AmortizedPosterior`.
+        posterior: an :class:`~sedflow_jax.sbi.posterior.AmortizedPosterior`.
         catalog: FITS (memory-mapped, first table HDU or ``hdu``) or HDF5 (``hdf5_path``: a
             table dataset or a group of column datasets; default the only table at the root,
-            else the root group) path, or an astropy Table. Columns as
-            :func:`sedflow_jax.catalog.read_photometry` reads them (``flux_fmt``, ...).
+            else the root group) path, or an astropy Table.
         out: the HDF5 file to write; the work folder is ``out + '.parts'``.
+        spec: a :class:`sedflow_jax.io.catalog.ColumnSpec` (flux / ivar / z / extinction
+            columns, ``snr_floor``, sentinels); ``columns`` keywords (``flux_fmt=``,
+            ``vector_flux=``, ``extinction=``, ``snr_floor=``, ...) override its fields.
         n_samples, max_rounds: draws per galaxy and rejection rounds (as ``sample_batched``).
         key: int seed or ``jax.random`` key. Row g's draws depend only on (key, g).
-        chunk_rows: catalog rows per chunk (part file, progress step); part of the run's
-            configuration (resuming needs the same value), not of the values.
+        chunk_rows: catalog rows per chunk at most (part file, progress step); fewer when
+            rows x n_samples would exceed :data:`MAX_CHUNK_DRAWS` or the catalog is smaller
+            (:func:`plan_chunk_rows`). Part of the run's configuration, not of the values.
         max_rows: galaxies x samples per compiled sampling call (memory bound).
         mesh: local devices to split each chunk's sampling over (:func:`make_mesh`).
         hosts: ``(process_index, process_count)`` or ``'auto'``: this process computes the
             chunks i with ``i % process_count == process_index``.
-        model: an SEDModel for derived-property summaries (``n_derived`` draws each); None
-            skips them.
+        model: an SEDModel for derived-property summaries (``n_derived`` draws), or None.
         store_samples: also store every draw, ``samples/theta`` (n_rows, n_samples, 12).
-        keep_columns: catalog columns copied to the output (e.g. an id).
+        keep_columns: catalog columns copied to the output (e.g. an id), added to spec.keep.
         z_range: rows outside it are flagged and not sampled; ``'prior'`` (default) uses the
             posterior's prior redshift range, None disables the cut.
+        noise_policy, min_bands: as :func:`sedflow_jax.sbi.inference.infer_catalog`.
         overwrite: discard a work folder / output holding a different configuration.
         finalize: assemble ``out`` when every chunk exists (default: yes for one process;
             several processes: whichever finds all chunks done, or :func:`finalize_inference`).
-        keep_parts: keep the chunk files after assembling (default: False for one process,
-            True for several, where another host may still be reading them).
+        keep_parts: keep the chunk files after assembling (default: only with several
+            processes, as another host may still be reading them).
         progress: tqdm bar over rows.
-
-    Output (``out``, HDF5): ``summary``, a table (compound) dataset with one row per catalog row
-    in order -- the ``keep_columns``, ``row``, ``<param>_p50/_p16/_p84`` for the 12 PROVABGS
-    parameters, with ``model`` the derived properties likewise, ``acceptance``, ``n_accepted``,
-    ``low_acceptance``, ``ood``, ``flag`` (:mod:`sedflow_jax.catalog` bits; unusable rows hold
-    NaN / 0) -- readable with ``astropy.table.Table.read(out, path='summary')``; with
-    ``store_samples`` ``samples/theta``; attributes ``run`` (JSON: the configuration and its
-    sha256), ``stats`` (JSON: usable rows, mean acceptance, ...), ``param_names``, ``bands``.
-    Each row is written exactly once: nothing is duplicated or lost across kills.
-
-    Work folder (``out + '.parts'``): ``run.json`` (configuration), ``chunk_{i:06d}.npz`` (one
-    per finished chunk, written atomically), ``progress.json`` (``progress.host{p}.json`` per
-    host): the finished chunks with their rows, sha256 and timing. A rerun with the same
-    arguments skips the chunks on disk; other arguments are refused unless ``overwrite``.
     """
     t_start = time.perf_counter()
-    n_samples, chunk_rows = int(n_samples), int(chunk_rows)
-    if n_samples < 1 or chunk_rows < 1 or int(max_rounds) < 1:
+    if int(n_samples) < 1 or int(chunk_rows) < 1 or int(max_rounds) < 1:
         raise ValueError("n_samples, chunk_rows and max_rounds must be >= 1")
     pidx, pcount = parallel.resolve_hosts(hosts)
-    multi = pcount > 1
-    if finalize is None:
-        finalize = True
-    if keep_parts is None:
-        keep_parts = multi
+    finalize = True if finalize is None else finalize
+    keep_parts = pcount > 1 if keep_parts is None else keep_parts
     if mesh is not None:
         parallel.mesh_size(mesh, local=True)
-    key = as_key(key)
-    out = os.path.abspath(os.fspath(out))
-    parts = out + ".parts"
-    bands = tuple(posterior.bands)
-    zr = (posterior.prior.zmin, posterior.prior.zmax) if isinstance(z_range, str) and \
-        z_range == "prior" else (None if z_range is None else tuple(float(v) for v in z_range))
-    if vector_flux is not None:
-        needed = [vector_flux, vector_ivar, z_col]
-    else:
-        needed = [flux_fmt.format(band=b) for b in bands] + \
-                 [ivar_fmt.format(band=b) for b in bands] + [z_col]
-    keep_columns = [str(c) for c in keep_columns]
+    key, out = as_key(key), os.path.abspath(os.fspath(out))
+    spec = C.ColumnSpec.make(spec, **columns)
+    spec = dataclasses.replace(spec, keep=tuple(dict.fromkeys(spec.keep + tuple(keep_columns))))
+    fit = dict(max_rounds=int(max_rounds), model=model, n_derived=int(n_derived),
+               noise_policy=noise_policy, min_bands=min_bands, z_range=z_range,
+               max_draws=int(max_rows))
     cat = CatalogReader(catalog, hdu=hdu, hdf5_path=hdf5_path)
     try:
-        missing = [c for c in dict.fromkeys(needed + keep_columns) if c not in cat.colnames]
-        if missing:
-            raise C.CatalogError(f"catalog is missing columns {missing} "
-                                 f"(have {cat.colnames[:20]})")
-        columns = list(dict.fromkeys(needed + keep_columns))
-        config = {
-            "format": INFER_FORMAT, "format_version": INFER_FORMAT_VERSION,
-            "catalog": cat.fingerprint(), "chunk_rows": chunk_rows, "n_samples": n_samples,
-            "key_data": np.asarray(jax.random.key_data(key)).ravel().tolist(),
-            "key_impl": str(jax.random.key_impl(key)), "max_rounds": int(max_rounds),
-            "posterior_sha256": _flow_sha256(posterior), "bands": list(bands),
-            "z_range": zr, "columns": {"flux_fmt": flux_fmt, "ivar_fmt": ivar_fmt,
-                                       "z_col": z_col, "vector_flux": vector_flux,
-                                       "vector_ivar": vector_ivar},
-            "keep_columns": keep_columns, "store_samples": bool(store_samples),
-            "derived": None if model is None else {
-                "n_derived": int(n_derived), "filters": list(model.filter_names),
-                "model_tables_sha256": tables_sha256(model.tables)},
-        }
-        config = json.loads(json.dumps(jsonable(config)))
-        config_sha = hashlib.sha256(canonical_json(config).encode()).hexdigest()
-        n_rows = cat.n_rows
-        n_chunks = max(1, math.ceil(n_rows / chunk_rows)) if n_rows else 0
-        plan = [{"index": i, "file": _PART.format(i), "row_start": i * chunk_rows,
-                 "row_stop": min(n_rows, (i + 1) * chunk_rows)} for i in range(n_chunks)]
-        mine = [c for c in plan if c["index"] % pcount == pidx]
-
-        # -- an existing output / work folder ------------------------------------------------
-        if os.path.exists(out) and not overwrite:
-            got = _output_config_sha(out)
-            if got == config_sha:
-                return InferenceResult(out, parts, n_rows, n_chunks, chunk_rows, 0, True, True,
-                                       {"total_s": time.perf_counter() - t_start})
-            raise ValueError(f"{out} exists and holds another inference run (or is not one); "
-                             "pass overwrite=True or choose another path")
-        run_path = os.path.join(parts, _RUN)
-        if os.path.isdir(parts):
-            if os.path.exists(run_path):
-                try:
-                    run = _read_json(run_path)
-                except (OSError, json.JSONDecodeError):
-                    run = {}
-                if run.get("config_sha256") != config_sha:
-                    if not overwrite:
-                        raise ValueError(f"{parts} holds chunks of another inference run; pass "
-                                         "overwrite=True to discard them, or choose another out")
-                    _clear_parts(parts, multi, pidx, pcount)
-            elif glob.glob(os.path.join(parts, "chunk_*.npz")):
-                if not overwrite:
-                    raise ValueError(f"{parts} holds chunk files but no {_RUN}; pass "
-                                     "overwrite=True to discard them")
-                _clear_parts(parts, multi, pidx, pcount)
-            for p in glob.glob(os.path.join(parts, "*.tmp-*")):
-                base = os.path.basename(p)
-                i = _chunk_index(base)
-                if not multi or (i is not None and i % pcount == pidx) or \
-                        base.startswith(_progress_name(pidx, pcount)):
-                    try:
-                        os.remove(p)
-                    except FileNotFoundError:
-                        pass
-        os.makedirs(parts, exist_ok=True)
-        if overwrite and os.path.exists(out) and not multi:
-            os.remove(out)
-        # identical bytes whoever writes it (no timestamps): concurrent hosts are harmless
-        atomic_write_json(run_path, {"config": config, "config_sha256": config_sha,
-                                "n_rows": n_rows, "n_chunks": n_chunks})
-
-        done = _done_chunks(parts, mine, config_sha)
-        todo = [c for c in mine if c["index"] not in done]
-        prog_path = os.path.join(parts, _progress_name(pidx, pcount))
-        entries = dict(done)
-
-        def write_progress():
-            atomic_write_json(prog_path, {"config_sha256": config_sha, "process_index": pidx,
-                                     "process_count": pcount, "n_chunks": n_chunks,
-                                     "assigned": [c["index"] for c in mine],
-                                     "chunks": [entries[i] for i in sorted(entries)],
-                                     "updated": utc_now()})
-
-        write_progress()
-        pbar = None
-        if progress and todo:
-            from tqdm.auto import tqdm
-
-            pbar = tqdm(total=sum(c["row_stop"] - c["row_start"] for c in mine),
-                        initial=sum(c["row_stop"] - c["row_start"] for c in mine
-                                    if c["index"] in done),
-                        unit="gal", unit_scale=True, desc="infer")
-        sampler = RowSampler(posterior.flow, n_samples, mesh=mesh, max_rows=max_rows) \
-            if todo else None
-        z_fill = 0.5 * model.config.z_max if model is not None else None
-        t_loop = time.perf_counter()
-        rows_done = 0
-        computed = 0
-        try:
-            for c in todo:
-                t0 = time.perf_counter()
-                r0, r1 = c["row_start"], c["row_stop"]
-                tab = cat.read(r0, r1, columns)
-                ph = C.read_photometry(tab, bands, flux_fmt=flux_fmt, ivar_fmt=ivar_fmt,
-                                       z_col=z_col, vector_flux=vector_flux,
-                                       vector_ivar=vector_ivar, z_range=zr)
-                x = to_conditioning(ph.flux, ph.sigma, ph.z)
-                use = ph.flag == 0
-                rows = np.arange(r0, r1, dtype=np.int64)
-                smp = reject_to_box(posterior, sampler, key, x[use], rows[use], n_samples,
-                                 int(max_rounds))
-                keep = {k: np.asarray(tab[k]) for k in keep_columns}
-                cols, th = _chunk_summary(posterior, smp, use=use, flag=ph.flag, z=ph.z,
-                                          rows=rows, model=model, n_derived=n_derived,
-                                          z_fill=z_fill, chunk_rows=chunk_rows, keep=keep)
-                meta = {"config_sha256": config_sha, "index": c["index"], "row_start": r0,
-                        "row_stop": r1, "columns": list(cols)}
-                payload = {f"col_{k}": v for k, v in cols.items()}
-                if store_samples:
-                    payload["theta"] = th
-                payload["__meta__"] = np.asarray(json.dumps(meta))
-                buf = io.BytesIO()
-                np.savez(buf, **payload)
-                data = buf.getvalue()
-                atomic_write_bytes(os.path.join(parts, c["file"]), data)
-                e = {k: c[k] for k in ("index", "file", "row_start", "row_stop")}
-                e.update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data),
-                         n_usable=int(use.sum()), seconds=time.perf_counter() - t0)
-                entries[c["index"]] = e
-                write_progress()
-                rows_done += r1 - r0
-                computed += 1
-                if pbar is not None:
-                    pbar.update(r1 - r0)
-                if _on_chunk is not None:
-                    _on_chunk(c["index"])
-                if _stop_after_chunks is not None and computed >= int(_stop_after_chunks):
-                    break
-        finally:
-            if pbar is not None:
-                pbar.close()
-        loop_s = time.perf_counter() - t_loop
+        spec.check(cat.colnames, posterior.bands)
+        plan = _plan(posterior, cat, spec, key, fit, n_samples=int(n_samples),
+                     chunk_rows=int(chunk_rows), store_samples=store_samples,
+                     pidx=pidx, pcount=pcount)
+        if _finished(out, plan, overwrite):
+            return InferenceResult(out, out + ".parts", plan.n_rows, plan.n_chunks,
+                                   plan.chunk_rows, 0, True, True,
+                                   {"total_s": time.perf_counter() - t_start})
+        _prepare_parts(out, plan, overwrite)
+        sampler = RowSampler(posterior.flow, int(n_samples), mesh=mesh, max_rows=max_rows)
+        computed, rows_done, loop_s = _run_chunks(
+            posterior, cat, out + ".parts", plan, spec, sampler, key, fit,
+            store_samples=store_samples, progress=progress, stop_after=_stop_after_chunks,
+            on_chunk=_on_chunk)
     finally:
         cat.close()
+    return _conclude(out, plan, computed, rows_done, loop_s, t_start, finalize, keep_parts)
 
-    complete = all(os.path.isfile(os.path.join(parts, c["file"])) for c in plan)
+
+def _plan(posterior, cat, spec, key, fit, *, n_samples, chunk_rows, store_samples, pidx,
+          pcount) -> _Plan:
+    """The configuration (everything the values depend on, plus the chunking) and chunks."""
+    model = fit["model"]
+    n_rows = cat.n_rows
+    chunk_rows = plan_chunk_rows(chunk_rows, n_samples, n_rows)
+    config = {
+        "format": INFER_FORMAT, "format_version": INFER_FORMAT_VERSION,
+        "catalog": cat.fingerprint(), "chunk_rows": chunk_rows, "n_samples": n_samples,
+        "key_data": np.asarray(jax.random.key_data(key)).ravel().tolist(),
+        "key_impl": str(jax.random.key_impl(key)), "max_rounds": fit["max_rounds"],
+        "posterior_sha256": _flow_sha256(posterior), "bands": list(posterior.bands),
+        "z_range": resolve_z_range(posterior, fit["z_range"]),
+        "columns": {k: v for k, v in spec.to_dict().items() if k != "keep"},
+        "noise_policy": fit["noise_policy"], "min_bands": fit["min_bands"],
+        "keep_columns": list(spec.keep), "store_samples": bool(store_samples),
+        "derived": None if model is None else {
+            "n_derived": fit["n_derived"], "filters": list(model.filter_names),
+            "model_tables_sha256": tables_sha256(model.tables)},
+    }
+    config = json.loads(json.dumps(jsonable(config)))
+    sha = hashlib.sha256(canonical_json(config).encode()).hexdigest()
+    n_chunks = math.ceil(n_rows / chunk_rows) if n_rows else 0
+    chunks = [{"index": i, "file": _PART.format(i), "row_start": i * chunk_rows,
+               "row_stop": min(n_rows, (i + 1) * chunk_rows)} for i in range(n_chunks)]
+    mine = [c for c in chunks if c["index"] % pcount == pidx]
+    return _Plan(config, sha, n_rows, chunk_rows, chunks, mine, pidx, pcount)
+
+
+def _finished(out: str, plan: _Plan, overwrite: bool) -> bool:
+    """True if ``out`` holds this run already; refuses another run's output."""
+    if not os.path.exists(out) or overwrite:
+        return False
+    if _output_config_sha(out) == plan.sha:
+        return True
+    raise ValueError(f"{out} exists and holds another inference run (or is not one); "
+                     "pass overwrite=True or choose another path")
+
+
+def _prepare_parts(out: str, plan: _Plan, overwrite: bool) -> None:
+    """The work folder for this run: another run's chunks refused (or cleared with
+    ``overwrite``), this process's leftover temporary files removed, ``run.json`` written."""
+    parts = out + ".parts"
+    multi, pidx, pcount = plan.pcount > 1, plan.pidx, plan.pcount
+    run_path = os.path.join(parts, _RUN)
+    if os.path.isdir(parts):
+        if os.path.exists(run_path):
+            try:
+                run = _read_json(run_path)
+            except (OSError, json.JSONDecodeError):
+                run = {}
+            if run.get("config_sha256") != plan.sha:
+                if not overwrite:
+                    raise ValueError(f"{parts} holds chunks of another inference run; pass "
+                                     "overwrite=True to discard them, or choose another out")
+                _clear_parts(parts, multi, pidx, pcount)
+        elif glob.glob(os.path.join(parts, "chunk_*.npz")):
+            if not overwrite:
+                raise ValueError(f"{parts} holds chunk files but no {_RUN}; pass "
+                                 "overwrite=True to discard them")
+            _clear_parts(parts, multi, pidx, pcount)
+        _remove_own_temporaries(parts, multi, pidx, pcount)
+    os.makedirs(parts, exist_ok=True)
+    if overwrite and os.path.exists(out) and not multi:
+        os.remove(out)
+    # identical bytes whoever writes it (no timestamps): concurrent hosts are harmless
+    atomic_write_json(run_path, {"config": plan.config, "config_sha256": plan.sha,
+                                 "n_rows": plan.n_rows, "n_chunks": plan.n_chunks})
+
+
+def _remove_own_temporaries(parts, multi, pidx, pcount) -> None:
+    for p in glob.glob(os.path.join(parts, "*.tmp-*")):
+        base = os.path.basename(p)
+        i = _chunk_index(base)
+        if not multi or (i is not None and i % pcount == pidx) or \
+                base.startswith(_progress_name(pidx, pcount)):
+            try:
+                os.remove(p)
+            except FileNotFoundError:
+                pass
+
+
+class _Progress:
+    """This process's progress file: the finished chunks with their rows, sha256 and timing."""
+
+    def __init__(self, parts: str, plan: _Plan, done: dict):
+        self.path = os.path.join(parts, _progress_name(plan.pidx, plan.pcount))
+        self.plan, self.entries = plan, dict(done)
+        self.write()
+
+    def add(self, entry: dict) -> None:
+        self.entries[entry["index"]] = entry
+        self.write()
+
+    def write(self) -> None:
+        p = self.plan
+        atomic_write_json(self.path, {
+            "config_sha256": p.sha, "process_index": p.pidx, "process_count": p.pcount,
+            "n_chunks": p.n_chunks, "assigned": [c["index"] for c in p.mine],
+            "chunks": [self.entries[i] for i in sorted(self.entries)], "updated": utc_now()})
+
+
+def _run_chunks(posterior, cat, parts, plan: _Plan, spec, sampler, key, fit, *, store_samples,
+                progress, stop_after, on_chunk):
+    """Compute this process's missing chunks: -> (computed, rows computed, seconds)."""
+    done = _done_chunks(parts, plan.mine, plan.sha)
+    todo = [c for c in plan.mine if c["index"] not in done]
+    prog = _Progress(parts, plan, done)
+    pbar = _progress_bar(plan, done) if progress and todo else None
+    columns = spec.columns(posterior.bands)
+    t_loop = time.perf_counter()
+    rows_done = computed = 0
+    try:
+        for c in todo:
+            t0 = time.perf_counter()
+            r0, r1 = c["row_start"], c["row_stop"]
+            res = infer_rows(posterior, cat.read(r0, r1, columns), np.arange(r0, r1),
+                             sampler=sampler, key=key, spec=spec, **fit)
+            data = _chunk_bytes(res, plan.sha, c, store_samples)
+            atomic_write_bytes(os.path.join(parts, c["file"]), data)
+            e = {k: c[k] for k in ("index", "file", "row_start", "row_stop")}
+            e.update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data),
+                     n_usable=int(res.fit.sum()), seconds=time.perf_counter() - t0)
+            prog.add(e)
+            rows_done += r1 - r0
+            computed += 1
+            if pbar is not None:
+                pbar.update(r1 - r0)
+            if on_chunk is not None:
+                on_chunk(c["index"])
+            if stop_after is not None and computed >= int(stop_after):
+                break
+    finally:
+        if pbar is not None:
+            pbar.close()
+    return computed, rows_done, time.perf_counter() - t_loop
+
+
+def _progress_bar(plan: _Plan, done):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=sum(c["row_stop"] - c["row_start"] for c in plan.mine),
+                initial=sum(c["row_stop"] - c["row_start"] for c in plan.mine
+                            if c["index"] in done),
+                unit="gal", unit_scale=True, desc="infer")
+
+
+def _chunk_bytes(res, sha: str, c: dict, store_samples: bool) -> bytes:
+    """One chunk file (npz): its columns, optionally every draw, and its metadata."""
+    cols = res.columns
+    meta = {"config_sha256": sha, "index": c["index"], "row_start": c["row_start"],
+            "row_stop": c["row_stop"], "columns": list(cols)}
+    payload = {f"col_{k}": v for k, v in cols.items()}
+    if store_samples:
+        theta = np.asarray(res.samples.theta)
+        th = np.full((len(res.fit),) + theta.shape[1:], np.nan, np.float32)
+        th[res.fit] = theta
+        payload["theta"] = th
+    payload["__meta__"] = np.asarray(json.dumps(meta))
+    buf = io.BytesIO()
+    np.savez(buf, **payload)
+    return buf.getvalue()
+
+
+def _conclude(out, plan: _Plan, computed, rows_done, loop_s, t_start, finalize, keep_parts):
+    parts = out + ".parts"
+    complete = all(os.path.isfile(os.path.join(parts, c["file"])) for c in plan.chunks)
     finalized = False
     if complete and finalize:
         finalize_inference(out, keep_parts=keep_parts)
@@ -392,8 +424,8 @@ def infer_catalog_streaming(posterior, catalog, out, *, n_samples: int = 1000, k
     timings = {"total_s": time.perf_counter() - t_start, "loop_s": loop_s,
                "rows_computed": rows_done,
                "galaxies_per_s": rows_done / loop_s if rows_done and loop_s > 0 else None}
-    return InferenceResult(out, parts, n_rows, n_chunks, chunk_rows, computed, complete,
-                           finalized, timings)
+    return InferenceResult(out, parts, plan.n_rows, plan.n_chunks, plan.chunk_rows, computed,
+                           complete, finalized, timings)
 
 
 def _chunk_index(name: str):

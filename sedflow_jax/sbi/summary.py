@@ -8,7 +8,7 @@ import numpy as np
 from ..sed.params import PARAM_NAMES
 from .sampling import Samples
 
-__all__ = ["DERIVED", "derived_samples", "nanpercentile_rows", "summarize"]
+__all__ = ["DERIVED", "derived_samples", "nanpercentile_rows", "summary_columns", "summarize"]
 
 
 def nanpercentile_rows(a, qs):
@@ -35,45 +35,82 @@ _FILL_THETA = np.array([10.0, 1, 0, 0, 0, 0, 1.0, 1e-3, 1e-3, 0, 0, 0])
 DERIVED = ("logmstar_surviving", "log_sfr_100myr", "log_sfr_1gyr", "log_z_mw", "t_mw")
 
 
-def derived_samples(model, theta, z, n_derived: int = 500):
-    """Derived properties of posterior draws: theta (m, n, 12), z (m,) -> dict name -> (m, k)."""
+def derived_samples(model, theta, z, n_derived: int = 500, *, max_draws: int = 65536):
+    """Derived properties of posterior draws: theta (m, n, 12), z (m,) -> dict name -> (m, k),
+    k = min(n_derived, n). Evaluated in groups of galaxies holding at most ``max_draws`` draws
+    (memory: rows x draws, never rows alone); a group shorter than that is padded only to the
+    next power of two. NaN draws, and galaxies with z outside the model's (0, z_max], give NaN."""
     theta = np.asarray(theta)
-    k = min(n_derived, theta.shape[1])
+    m = theta.shape[0]
+    k = max(0, min(int(n_derived), theta.shape[1]))
+    out = {name: np.full((m, k), np.nan) for name in DERIVED}
+    if m == 0 or k == 0:
+        return out
+    z = np.asarray(z, float).reshape(m)
+    z_max = float(model.config.z_max)
+    with np.errstate(invalid="ignore"):
+        z_ok = np.isfinite(z) & (z > 0) & (z <= z_max)
     th = theta[:, :k]
-    good = np.isfinite(th).all(-1)
+    good = np.isfinite(th).all(-1) & z_ok[:, None]
     th_safe = np.where(good[..., None], th, _FILL_THETA)  # NaN rows: evaluated, then masked
-    zz = np.broadcast_to(np.asarray(z, float)[:, None], th.shape[:2])
-    d = model.derived(th_safe, zz)
+    z_safe = np.where(z_ok, z, 0.5 * z_max)
+    group = min(max(1, int(max_draws) // k), 1 << max(0, (m - 1).bit_length()))
+    for s in range(0, m, group):
+        e = min(m, s + group)
+        tg = np.concatenate([th_safe[s:e], np.broadcast_to(_FILL_THETA, (group - (e - s), k, 12))])
+        zg = np.concatenate([z_safe[s:e], np.full(group - (e - s), 0.5 * z_max)])
+        d = _derived_values(model, tg, np.broadcast_to(zg[:, None], (group, k)))
+        for name, v in d.items():
+            out[name][s:e] = np.where(good[s:e], v[: e - s], np.nan)
+    return out
+
+
+def _derived_values(model, theta, z) -> dict:
+    d = model.derived(theta, z)
     with np.errstate(divide="ignore", invalid="ignore"):
-        out = {
+        return {
             "logmstar_surviving": np.asarray(d.logmstar_surviving, float),
             "log_sfr_100myr": np.log10(np.asarray(d.sfr_100myr, float)),
             "log_sfr_1gyr": np.log10(np.asarray(d.sfr_1gyr, float)),
             "log_z_mw": np.log10(np.asarray(d.z_mw, float)),
             "t_mw": np.asarray(d.t_mw, float),
         }
-    return {k_: np.where(good, v, np.nan) for k_, v in out.items()}
 
 
-def summarize(samples: Samples, *, model=None, z=None, n_derived: int = 500):
-    """astropy Table: per-galaxy median / 16 / 84 % of the 12 parameters (and derived properties
-    if ``model`` and ``z`` are given), acceptance, n_accepted, low_acceptance and ood flags."""
+def summary_columns(samples: Samples, *, model=None, z=None, n_derived: int = 500,
+                    max_draws: int = 65536) -> dict:
+    """The per-galaxy summary columns of ``samples`` (m galaxies), in output order:
+    ``<param>_p50/_p16/_p84`` of the 12 parameters, the same of the derived properties (with
+    ``model`` and ``z``; see :func:`derived_samples`), ``acceptance``, ``n_accepted``,
+    ``low_acceptance``, ``ood``. The one summary of every inference path."""
+    cols = {}
+    th = np.asarray(samples.theta)
+    m = th.shape[0]
+    with np.errstate(all="ignore"):
+        q = nanpercentile_rows(th, [16, 50, 84]) if m else np.zeros((3, 0, len(PARAM_NAMES)))
+    for i, name in enumerate(PARAM_NAMES):
+        cols[f"{name}_p50"], cols[f"{name}_p16"], cols[f"{name}_p84"] = q[1][:, i], q[0][:, i], \
+            q[2][:, i]
+    if model is not None and z is not None:
+        der = derived_samples(model, th, z, n_derived, max_draws=max_draws)
+        for name in DERIVED:
+            with np.errstate(all="ignore"):
+                qq = nanpercentile_rows(der[name][..., None], [16, 50, 84])[..., 0] if m \
+                    else np.zeros((3, 0))
+            cols[f"{name}_p50"], cols[f"{name}_p16"], cols[f"{name}_p84"] = qq[1], qq[0], qq[2]
+    cols["acceptance"] = np.asarray(samples.acceptance, np.float64)
+    cols["n_accepted"] = np.asarray(samples.n_accepted, np.int64)
+    cols["low_acceptance"] = np.asarray(samples.low_acceptance, bool)
+    cols["ood"] = np.asarray(samples.ood, bool)
+    return cols
+
+
+def summarize(samples: Samples, *, model=None, z=None, n_derived: int = 500,
+              max_draws: int = 65536):
+    """astropy Table of :func:`summary_columns`: per-galaxy median / 16 / 84 % of the 12
+    parameters (and derived properties if ``model`` and ``z`` are given), acceptance,
+    n_accepted, low_acceptance and ood flags."""
     from astropy.table import Table
 
-    t = Table()
-    th = samples.theta
-    with np.errstate(all="ignore"):
-        q = np.nanpercentile(th, [16, 50, 84], axis=1) if th.size else np.zeros((3, 0, 12))
-    for i, name in enumerate(PARAM_NAMES):
-        t[f"{name}_p50"], t[f"{name}_p16"], t[f"{name}_p84"] = q[1][:, i], q[0][:, i], q[2][:, i]
-    if model is not None and z is not None:
-        der = derived_samples(model, th, z, n_derived)
-        for name, v in der.items():
-            with np.errstate(all="ignore"):
-                qq = np.nanpercentile(v, [16, 50, 84], axis=1)
-            t[f"{name}_p50"], t[f"{name}_p16"], t[f"{name}_p84"] = qq[1], qq[0], qq[2]
-    t["acceptance"] = samples.acceptance
-    t["n_accepted"] = samples.n_accepted
-    t["low_acceptance"] = samples.low_acceptance
-    t["ood"] = samples.ood
-    return t
+    return Table(summary_columns(samples, model=model, z=z, n_derived=n_derived,
+                                 max_draws=max_draws))

@@ -14,13 +14,9 @@ from ..nn.data import ArrayData
 from ..sim import prior as P
 from ..sim.readers import ShardDataset
 from .masks import BandDropout, TrainingSupport
-from .posterior import THETA_SPACES, AmortizedPosterior, LogitTheta
+from .posterior import THETA_SPACES, AmortizedPosterior, LogitTheta, prior_from_dict
 
 __all__ = ["train_posterior"]
-
-
-def _prior_from_dict(d: dict) -> P.Prior:
-    return P.Prior(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 def _grid_size(grid, n_rows: int) -> int:
@@ -61,51 +57,24 @@ def train_posterior(data, out=None, *, flow_config: F.FlowConfig | None = None,
     if theta_space not in THETA_SPACES:
         raise ValueError(f"theta_space must be one of {THETA_SPACES}, got {theta_space!r}")
     if isinstance(data, (str, os.PathLike)):
-        source = ShardDataset(data)
-        man = source.manifest
-        prior = _prior_from_dict(man["config"]["prior"])
-        bands = tuple(man["bands"])
-        lo = np.full(source.d_context, np.inf)
-        hi = np.full(source.d_context, -np.inf)
-        tot, cnt = np.zeros(source.d_context), 0
-        for i in range(len(source.entries)):
-            _, x = source.load_shard(i)
-            lo, hi = np.minimum(lo, x.min(0)), np.maximum(hi, x.max(0))
-            tot, cnt = tot + x.sum(0, dtype=np.float64), cnt + x.shape[0]
-        support = TrainingSupport.empty(lo, hi, bands, n_grid=_grid_size(support_grid, cnt))
-        for i in range(len(source.entries)):
-            support.accumulate(source.load_shard(i)[1])
-        x_mean = tot / max(cnt, 1)
+        source, prior, bands, lo, hi, support, x_mean = _folder_source(data, support_grid)
     else:
         if prior is None or bands is None:
             raise ValueError("in-memory data needs prior= and bands=")
-        source = ArrayData(data["theta"], data["x"])
-        lo, hi = source.x.min(0), source.x.max(0)
-        support = TrainingSupport.from_x(source.x, bands,
-                                         n_grid=_grid_size(support_grid, source.n))
-        x_mean = source.x.mean(0, dtype=np.float64)
+        source, lo, hi, support, x_mean = _array_source(data, bands, support_grid)
     if theta_space == "logit":
         source = LogitTheta(source, *P.sampling_bounds(prior))
     meta_mask = None
     if band_dropout is not None:
-        nb = len(tuple(bands))
-        fill = np.asarray(x_mean[:2 * nb], np.float32)
-        source = BandDropout(source, fill, p_drop=band_dropout, min_bands=min_bands, seed=seed)
-        meta_mask = {"fill": fill.tolist(), "p_drop": float(band_dropout),
-                     "min_bands": int(min_bands), "layout": "[mags', sigma_mags', z, mask]"}
+        source, meta_mask = _with_dropout(source, x_mean, bands, band_dropout, min_bands, seed)
     fc = flow_config or F.FlowConfig.small(source.d_theta, source.d_context, seed=seed)
     tc = train_config or T.TrainConfig(seed=seed)
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
         tc = dataclasses.replace(tc, checkpoint_dir=str(Path(out) / "training"))
-    if devices is not None:
-        if mesh is not None:
-            raise ValueError("give mesh= or devices=, not both")
-        if not (isinstance(devices, (int, np.integer)) and int(devices) == 1):
-            mesh = parallel.make_mesh(None if devices == "all" else devices)
     res = T.fit(seed, tc, fc, source,
                 resume_from=(str(Path(out) / "training") if (resume and out) else None),
-                mesh=mesh)
+                mesh=_training_mesh(mesh, devices))
     post = AmortizedPosterior(flow=res.flow, prior=prior, bands=tuple(bands),
                               x_lo=np.asarray(lo, float), x_hi=np.asarray(hi, float),
                               meta={"best_epoch": res.best_epoch,
@@ -120,3 +89,50 @@ def train_posterior(data, out=None, *, flow_config: F.FlowConfig | None = None,
         post.save(out)
         T.plot_loss(res.history, Path(out) / "loss.png", best_epoch=res.best_epoch)
     return post, res
+
+
+def _folder_source(folder, support_grid):
+    """A training-set folder streamed from disk: (source, prior, bands, x_lo, x_hi, support,
+    x_mean), the x range, support and mean accumulated shard by shard."""
+    source = ShardDataset(folder)
+    man = source.manifest
+    prior = prior_from_dict(man["config"]["prior"])
+    bands = tuple(man["bands"])
+    lo = np.full(source.d_context, np.inf)
+    hi = np.full(source.d_context, -np.inf)
+    tot, cnt = np.zeros(source.d_context), 0
+    for i in range(len(source.entries)):
+        _, x = source.load_shard(i)
+        lo, hi = np.minimum(lo, x.min(0)), np.maximum(hi, x.max(0))
+        tot, cnt = tot + x.sum(0, dtype=np.float64), cnt + x.shape[0]
+    support = TrainingSupport.empty(lo, hi, bands, n_grid=_grid_size(support_grid, cnt))
+    for i in range(len(source.entries)):
+        support.accumulate(source.load_shard(i)[1])
+    return source, prior, bands, lo, hi, support, tot / max(cnt, 1)
+
+
+def _array_source(data, bands, support_grid):
+    """In-memory {'theta', 'x'}: (source, x_lo, x_hi, support, x_mean)."""
+    source = ArrayData(data["theta"], data["x"])
+    support = TrainingSupport.from_x(source.x, bands, n_grid=_grid_size(support_grid, source.n))
+    return (source, source.x.min(0), source.x.max(0), support,
+            source.x.mean(0, dtype=np.float64))
+
+
+def _with_dropout(source, x_mean, bands, p_drop, min_bands, seed):
+    """``source`` with random band dropout, and the ``band_mask`` record of the posterior."""
+    nb = len(tuple(bands))
+    fill = np.asarray(x_mean[:2 * nb], np.float32)
+    source = BandDropout(source, fill, p_drop=p_drop, min_bands=min_bands, seed=seed)
+    return source, {"fill": fill.tolist(), "p_drop": float(p_drop), "min_bands": int(min_bands),
+                    "layout": "[mags', sigma_mags', z, mask]"}
+
+
+def _training_mesh(mesh, devices):
+    if devices is None:
+        return mesh
+    if mesh is not None:
+        raise ValueError("give mesh= or devices=, not both")
+    if isinstance(devices, (int, np.integer)) and int(devices) == 1:
+        return None
+    return parallel.make_mesh(None if devices == "all" else devices)

@@ -250,6 +250,70 @@ def _phot_batch(theta, z, tabs: Tables, cfg: ModelConfig):
                        batch_size=BLOCK)
 
 
+def _broadcast_rows(axis_size, in_batched, theta, z):
+    """The (theta, z) a vmap rule sees, with the unbatched one broadcast along the new axis 0."""
+    tb, zb = in_batched
+    theta, z = jnp.asarray(theta), jnp.asarray(z)
+    if not tb:
+        theta = jnp.broadcast_to(theta, (axis_size,) + theta.shape)
+    if not zb:
+        z = jnp.broadcast_to(z, (axis_size,) + z.shape)
+    return theta, z
+
+
+def _blocked_rows(tabs: Tables, cfg: ModelConfig):
+    """``g(theta (n, 12), z (n,)) -> (n, n_filters)``: :func:`_phot_batch` over ``tabs``, whose
+    vmap folds the new axis into the rows (so nested vmaps stay one blocked batch)."""
+
+    @jax.custom_batching.custom_vmap
+    def rows(theta, z):
+        return _phot_batch(theta, z, tabs, cfg)
+
+    @rows.def_vmap
+    def _rows_vmap(axis_size, in_batched, theta, z):
+        theta, z = _broadcast_rows(axis_size, in_batched, theta, z)  # (m, n, 12), (m, n)
+        m, n = z.shape
+        out = rows(theta.reshape(m * n, theta.shape[-1]), z.reshape(m * n))
+        return out.reshape(m, n, out.shape[-1]), True
+
+    return rows
+
+
+def _phot_fn(tabs: Tables, cfg: ModelConfig):
+    """The per-galaxy kernel ``f(theta (12,), z ())`` over ``tabs`` with two custom rules:
+
+    * vmap (any nesting, z batched or broadcast) evaluates the batch with :func:`_phot_batch`
+      (blocks of BLOCK galaxies; a plain vmap of the kernel is ~5x slower on CPU at 1e5 rows);
+    * differentiation (custom_jvp: forward and reverse mode, any order) is the plain kernel's
+      own jvp, so gradients and their vmaps are those of :func:`_phot_kernel` (custom_vmap alone
+      has no reverse-mode AD).
+    Values equal the plain kernel's up to float rounding.
+    """
+
+    def plain(theta, z):
+        return _phot_kernel(theta, z, tabs, cfg)
+
+    rows = _blocked_rows(tabs, cfg)
+
+    @jax.custom_batching.custom_vmap
+    def primal(theta, z):
+        return plain(theta, z)
+
+    @primal.def_vmap
+    def _primal_vmap(axis_size, in_batched, theta, z):
+        return rows(*_broadcast_rows(axis_size, in_batched, theta, z)), True
+
+    @jax.custom_jvp
+    def f(theta, z):
+        return primal(theta, z)
+
+    @f.defjvp
+    def _f_jvp(primals, tangents):
+        return jax.jvp(plain, primals, tangents)
+
+    return f
+
+
 def _sed_kernel(theta, z, tabs: Tables, full: SSPTables, cfg: ModelConfig, lsun_cgs):
     P = _parts(theta, z, tabs.nmf, cfg)
     lum = _rest_lum(theta, P, full, cfg) * 10.0 ** P.logm  # Lsun/A
@@ -328,6 +392,7 @@ class SEDModel:
         )
         self._full = None
         self.phot_batch = jax.jit(functools.partial(_phot_batch, cfg=cfg))
+        self._phot_fn = _phot_fn(self.tables, cfg)
         self._derived_batch = jax.jit(jax.vmap(
             functools.partial(_derived_kernel, cfg=cfg), in_axes=(0, 0, None)))
 
@@ -337,9 +402,13 @@ class SEDModel:
 
     # ---------------- pure functions ----------------
     def photometry_fn(self):
-        """Pure single-galaxy function ``f(theta (12,), z ()) -> nanomaggies (n_filters,)``."""
-        tabs, cfg = self.tables, self.config
-        return lambda theta, z: _phot_kernel(theta, z, tabs, cfg)
+        """Pure single-galaxy function ``f(theta (12,), z ()) -> nanomaggies (n_filters,)``.
+
+        Compose it freely with jit / vmap / grad: ``jax.vmap`` of it (nested too, z batched or
+        not) runs the blocked batch path of :meth:`photometry`, and derivatives are the plain
+        kernel's. The same function object is returned on every call (jit caches are shared).
+        """
+        return self._phot_fn
 
     # ---------------- input checking ----------------
     def _prepare(self, theta, z):

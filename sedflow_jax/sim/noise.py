@@ -20,19 +20,32 @@ Simulation (:func:`add_noise`): ``sigma_mag' ~ N(mu(f), s(f))`` per band indepen
 fitted catalog's flux range in any band (SEDflow's cuts, spec 9.1 step 4); :func:`apply_cuts`
 drops them on the host and reports the counts.
 
+Calibration floor (optional; off by default, and then everything above is unchanged bit for
+bit): real catalogs add a photometric-calibration floor to their errors that SDSS MODELFLUX
+errors lack (NSA NMGY_IVAR: sigma_mag >= 0.02 in g, r, i, 0.03 in z, 0.05 in u; SDSS's own
+calibration is ~1 % in griz and ~2 % in u, Padmanabhan et al. 2008). With ``floor_mag_max``
+(n_b,) set, each simulated row draws "floor on" with probability ``1 - floor_p_zero`` (one draw
+per row: a catalog has a floor in all its bands or in none), and then a floor per band
+``c_b ~ U(0, floor_mag_max_b)`` (else ``c_b = 0``); the drawn ``sigma_mag' > 0`` becomes
+``sqrt(sigma_mag'^2 + c_b^2)`` *before* the flux noise is drawn, so the noisy flux is consistent
+with the reported error (``sigma_mag' <= 0`` is left as is and still dropped). The floor draws
+use their own stream (``fold_in(key, 0x0F1)``), so the fitted-sigma and flux-noise draws are the
+same as without the floor. See :func:`with_calibration_floor` and
+``default_noise_model(..., calibration_floor=True)``.
+
 The package ships a table fitted to a real SDSS catalog (``data/noise_sdss_ugriz.json``; SDSS
 ugriz) and one for GALEX FUV/NUV (``data/noise_galex_fuv_nuv.json``); :func:`default_noise_model`
 loads them, and ``python sedflow_jax/data/make_noise_table.py`` regenerates them.
+
+Fitting a model to a catalog (:func:`~sedflow_jax.sim.noise_fit.fit_noise_model`) and plotting
+it live in :mod:`sedflow_jax.sim.noise_fit`.
 """
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import functools
 import json
-import math
 import os
-import warnings
 from importlib import resources
 from typing import Any, NamedTuple, Optional, Sequence
 
@@ -43,8 +56,6 @@ import numpy as np
 __all__ = [
     "NoiseModel",
     "NoisyPhotometry",
-    "fit_noise_model",
-    "catalog_sigma_mag",
     "default_noise_model",
     "available_default_bands",
     "sigma_mag_params",
@@ -54,13 +65,19 @@ __all__ = [
     "apply_cuts",
     "sigma_flux_to_mag",
     "sigma_mag_to_flux",
-    "plot_noise_model",
+    "with_calibration_floor",
+    "draw_floor",
+    "add_floor",
+    "RECOMMENDED_FLOOR_MAG_MAX",
+    "RECOMMENDED_FLOOR_P_ZERO",
     "DEFAULT_TABLES",
 ]
 
 from ..sed.units import MAG_PER_LN
 _FORMAT = "sedflow_jax.noise_model"
-_VERSION = 1
+_VERSION = 2  # newest readable; tables are written as version 1 unless they carry a floor
+_FLOOR_VERSION = 2  # written with a calibration floor, so older readers refuse, not ignore, it
+_FLOOR_STREAM = 0x0F1  # fold_in constant of the floor draws (independent of the other draws)
 _PAD_STEP = 1.0  # dex between padded (dummy) bin centres; values there repeat the last bin
 
 #: shipped tables (package data) and the bands each holds
@@ -69,6 +86,17 @@ DEFAULT_TABLES = {
     "noise_galex_fuv_nuv.json": ("galex_fuv", "galex_nuv"),
 }
 _SDSS_BANDS = DEFAULT_TABLES["noise_sdss_ugriz.json"]
+
+#: recommended calibration-floor ranges [mag]: c_b ~ U(0, max_b) on a floor-on row. They cover
+#: the NSA's NMGY_IVAR floors (u 0.05, griz 0.02-0.03) and SDSS's ~2 % (u) / ~1 % (griz)
+#: calibration (Padmanabhan et al. 2008) with margin; GALEX's zero points are good to ~0.05
+#: (FUV) and ~0.03 (NUV) mag (Morrissey et al. 2007), hence 0.08 / 0.05 there.
+RECOMMENDED_FLOOR_MAG_MAX = {
+    "sdss_u": 0.08, "sdss_g": 0.05, "sdss_r": 0.05, "sdss_i": 0.05, "sdss_z": 0.05,
+    "galex_fuv": 0.08, "galex_nuv": 0.05,
+}
+#: recommended probability that a row has no floor at all (keeps floor-free catalogs covered)
+RECOMMENDED_FLOOR_P_ZERO = 0.5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,6 +131,10 @@ class NoiseModel:
     - ``n_bins``: (n_b,) int32 real bins per band.
     - ``flux_range``: (n_b, 2) [min, max] flux (nanomaggies) of the fitted catalog per band.
     - ``metadata``: JSON-serialisable dict (provenance, cuts, counts, bin edges, ...).
+    - ``floor_mag_max``: None (no calibration floor, the default) or (n_b,) float32 upper ends
+      [mag] of the per-band floor range, c_b ~ U(0, floor_mag_max_b) on a floor-on row.
+    - ``floor_p_zero``: probability that a row has no floor (a static float; used only with
+      ``floor_mag_max``). See the module docstring and :func:`with_calibration_floor`.
     """
 
     bands: tuple
@@ -113,6 +145,13 @@ class NoiseModel:
     n_bins: Any
     flux_range: Any
     metadata: dict = dataclasses.field(default_factory=dict)
+    floor_mag_max: Any = None
+    floor_p_zero: float = 0.0
+
+    @property
+    def has_floor(self) -> bool:
+        """True when rows draw a calibration floor (``floor_mag_max`` is set)."""
+        return self.floor_mag_max is not None
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
@@ -182,10 +221,14 @@ class NoiseModel:
         if missing:
             raise KeyError(
                 f"noise model has no band(s) {missing}; it holds {list(self.bands)}. "
-                "Fit one with sedflow_jax.noise.fit_noise_model(...) from a catalog with those bands.")
+                "Fit one with sedflow_jax.sim.noise_fit.fit_noise_model(...) from a catalog with those bands.")
         pb = self.per_band()
         md = dict(self.metadata)
-        return NoiseModel.from_per_band({b: pb[b] for b in bands}, md)
+        out = NoiseModel.from_per_band({b: pb[b] for b in bands}, md)
+        if not self.has_floor:
+            return out
+        fm = dict(zip(self.bands, np.asarray(self.floor_mag_max, np.float64)))
+        return with_calibration_floor(out, fm, self.floor_p_zero)
 
     @staticmethod
     def concatenate(models: Sequence["NoiseModel"]) -> "NoiseModel":
@@ -197,13 +240,47 @@ class NoiseModel:
                     raise ValueError(f"band {b} appears in more than one model")
                 per_band[b] = d
             md["sources"].append(m.metadata)
-        return NoiseModel.from_per_band(per_band, md)
+        out = NoiseModel.from_per_band(per_band, md)
+        floored = [m for m in models if m.has_floor]
+        if not floored:
+            return out
+        p0 = {m.floor_p_zero for m in floored}
+        if len(p0) > 1 or len(floored) < len(models):
+            raise ValueError("concatenate: every model needs the same calibration floor "
+                             f"setting (floor_p_zero {sorted(p0)}; {len(floored)} of "
+                             f"{len(models)} have one)")
+        fm = {b: float(v) for m in floored for b, v in zip(m.bands, np.asarray(m.floor_mag_max))}
+        return with_calibration_floor(out, fm, p0.pop())
 
     # -- I/O -------------------------------------------------------------------------------------
+    def floor_dict(self) -> Optional[dict]:
+        """The calibration floor as JSON (None without one): ``floor_mag_max`` {band: mag},
+        ``p_zero`` and a description of the distribution."""
+        if not self.has_floor:
+            return None
+        fm = np.asarray(self.floor_mag_max, np.float64)
+        return {
+            "floor_mag_max": {b: float(v) for b, v in zip(self.bands, fm)},
+            "p_zero": float(self.floor_p_zero),
+            "distribution": "per row: no floor with probability p_zero, else per band "
+                            "c_b ~ U(0, floor_mag_max_b) [mag]",
+            "combination": "sigma_mag = sqrt(sigma_mag_fit^2 + c_b^2) where sigma_mag_fit > 0, "
+                           "before the flux noise is drawn",
+        }
+
     def to_dict(self) -> dict:
+        """JSON layout (version 1 without a floor: unchanged; version 2 adds
+        ``calibration_floor``)."""
+        d = self._table_dict()
+        if self.has_floor:
+            d["version"] = _FLOOR_VERSION
+            d["calibration_floor"] = self.floor_dict()
+        return d
+
+    def _table_dict(self) -> dict:
         return {
             "format": _FORMAT,
-            "version": _VERSION,
+            "version": 1,
             "units": {
                 "flux": "nanomaggies (AB; 1 nmgy = 3.631 uJy; mag = 22.5 - 2.5 log10 f), "
                         "Galactic-extinction corrected where the metadata says so",
@@ -221,7 +298,11 @@ class NoiseModel:
             raise ValueError(f"not a {_FORMAT} table (format={d.get('format')!r})")
         if int(d.get("version", 0)) > _VERSION:
             raise ValueError(f"table version {d['version']} is newer than supported ({_VERSION})")
-        return cls.from_per_band(d["bands"], d.get("metadata", {}))
+        model = cls.from_per_band(d["bands"], d.get("metadata", {}))
+        cf = d.get("calibration_floor")
+        if cf is None:
+            return model
+        return with_calibration_floor(model, cf["floor_mag_max"], float(cf["p_zero"]))
 
     def save(self, path) -> None:
         """Write to ``.json`` (readable) or ``.npz`` (arrays + a JSON string; no pickle)."""
@@ -256,18 +337,25 @@ class NoiseModel:
             lo, hi = np.asarray(self.flux_range[i])
             vals = "  ".join(f"{float(mu[j, i]):.4f}+-{float(s[j, i]):.4f}" for j in range(len(fluxes)))
             lines.append(f"{b:11s} {int(self.n_bins[i]):6d}  [{lo:9.3g}, {hi:9.3g}]  {vals}")
+        if self.has_floor:
+            fm = ", ".join(f"{b} {float(v):.3f}" for b, v in zip(self.bands, self.floor_mag_max))
+            lines.append(f"calibration floor: none with p={self.floor_p_zero:g}, else "
+                         f"c ~ U(0, max) mag, max: {fm}")
         return "\n".join(lines)
 
 
 def _nm_flatten(m: NoiseModel):
-    children = (m.log10_flux, m.median, m.spread, m.n_per_bin, m.n_bins, m.flux_range)
-    aux = (m.bands, json.dumps(m.metadata, sort_keys=True, default=str))
+    children = (m.log10_flux, m.median, m.spread, m.n_per_bin, m.n_bins, m.flux_range,
+                m.floor_mag_max)
+    aux = (m.bands, json.dumps(m.metadata, sort_keys=True, default=str), float(m.floor_p_zero))
     return children, aux
 
 
 def _nm_unflatten(aux, children):
-    bands, md = aux
-    return NoiseModel(bands, *children, metadata=json.loads(md))
+    bands, md, p_zero = aux
+    *table, floor = children
+    return NoiseModel(bands, *table, metadata=json.loads(md), floor_mag_max=floor,
+                      floor_p_zero=p_zero)
 
 
 jax.tree_util.register_pytree_node(NoiseModel, _nm_flatten, _nm_unflatten)
@@ -347,6 +435,27 @@ def sample_sigma(key, noise: NoiseModel, flux):
     return sigma_mag_to_flux(sample_sigma_mag(key, noise, flux), flux)
 
 
+def draw_floor(key, noise: NoiseModel, shape):
+    """Calibration floors c (shape = (..., n_b)) [mag] of :attr:`NoiseModel.floor_mag_max`:
+    per row (leading axes) none with probability ``floor_p_zero``, else c_b ~ U(0, max_b).
+    Zeros for a model without a floor. ``key`` is used as given (add_noise folds it)."""
+    if not noise.has_floor:
+        return jnp.zeros(shape, jnp.float32)
+    fmax = jnp.asarray(noise.floor_mag_max, jnp.float32)
+    k_on, k_c = jax.random.split(key)
+    on = jax.random.uniform(k_on, tuple(shape[:-1]) + (1,)) >= noise.floor_p_zero
+    return jnp.where(on, jax.random.uniform(k_c, tuple(shape)) * fmax, 0.0)
+
+
+def add_floor(sigma_mag, floor):
+    """sigma_mag (..., n_b) combined in quadrature with floor (..., n_b) [mag] where
+    sigma_mag > 0 (non-positive values, dropped later, are kept as they are; a zero floor
+    leaves sigma_mag bit for bit)."""
+    floor = floor.astype(sigma_mag.dtype)
+    tot = jnp.sqrt(sigma_mag * sigma_mag + floor * floor)
+    return jnp.where((sigma_mag > 0) & (floor > 0), tot, sigma_mag)  # floor 0: exactly as fitted
+
+
 @functools.partial(jax.jit, static_argnames=("range_cut",))
 def add_noise(key, noise: NoiseModel, flux, *, range_cut: bool = True) -> NoisyPhotometry:
     """SEDflow's toy noise: draw sigma_f per band, then noisy flux = f + N(0, sigma_f).
@@ -359,10 +468,17 @@ def add_noise(key, noise: NoiseModel, flux, *, range_cut: bool = True) -> NoisyP
     ``sigma_mag`` is the drawn sigma_mag' (relative to the noiseless flux, as in SEDflow's noise
     model); a real catalog's sigma_mag is relative to the *observed* flux, which
     ``sigma_flux_to_mag(out.sigma, out.flux)`` reproduces for simulated rows.
+
+    With a calibration floor (``noise.has_floor``) ``sigma_mag`` is the fitted draw combined in
+    quadrature with the row's floor (:func:`draw_floor`, :func:`add_floor`), and the flux noise is
+    drawn with that inflated sigma; without one the result is exactly the floor-free model's.
     """
     flux = _check_flux(noise, flux)
     k_sig, k_eps = jax.random.split(key)
     smag = sample_sigma_mag(k_sig, noise, flux)
+    if noise.has_floor:  # static (pytree structure): the floor-free path is untouched
+        floor = draw_floor(jax.random.fold_in(key, _FLOOR_STREAM), noise, smag.shape)
+        smag = add_floor(smag, floor)
     sig = sigma_mag_to_flux(smag, flux)
     noisy = flux + sig * jax.random.normal(k_eps, flux.shape, dtype=flux.dtype)
     sigma_ok = jnp.all(jnp.isfinite(sig) & (sig > 0), axis=-1)
@@ -403,217 +519,6 @@ def apply_cuts(noisy: NoisyPhotometry, *arrays):
 
 
 # ---------------------------------------------------------------------------------------------
-# fitting (host side, NumPy)
-# ---------------------------------------------------------------------------------------------
-def _read_table(table):
-    from astropy.table import Table
-
-    if isinstance(table, (str, os.PathLike)):
-        path = os.fspath(table)
-        if path.lower().endswith((".csv",)):
-            return Table.read(path, format="ascii.csv")
-        return Table.read(path)
-    if isinstance(table, Table):
-        return table
-    return Table(table)
-
-
-def _column(table, name):
-    if name not in table.colnames:
-        raise KeyError(f"column {name!r} not in table; columns are {table.colnames}")
-    col = np.ma.asarray(table[name]).astype(np.float64)  # masked entries -> NaN
-    return np.ma.filled(col, np.nan)
-
-
-def _band_matrix(table, cols, n_bands, what):
-    """A (n_rows, n_bands) float64 matrix from a vector column name, a list of scalar column
-    names, or an array."""
-    if cols is None:
-        return None
-    if isinstance(cols, str):
-        x = _column(table, cols)
-        if x.ndim == 1:
-            x = x[:, None]
-        if x.shape[1] != n_bands:
-            raise ValueError(f"{what} column {cols!r} has {x.shape[1]} entries per row, "
-                             f"expected {n_bands} (one per band)")
-        return x
-    if isinstance(cols, (list, tuple)) and all(isinstance(c, str) for c in cols):
-        if len(cols) != n_bands:
-            raise ValueError(f"{what}: {len(cols)} columns given for {n_bands} bands")
-        return np.stack([_column(table, c).reshape(-1) for c in cols], axis=1)
-    x = np.asarray(cols, dtype=np.float64)
-    if x.ndim == 1:
-        x = x[:, None]
-    if x.shape != (len(table), n_bands):
-        raise ValueError(f"{what} array has shape {x.shape}, expected {(len(table), n_bands)}")
-    return x
-
-
-def catalog_sigma_mag(table, flux_cols, ivar_cols=None, bands=None, *, err_cols=None,
-                      extinction_col=None, zcol=None, zrange=None, flux_scale=1.0):
-    """Extract per-band (flux [nmgy], sigma_mag) of the usable rows of a catalog (host side).
-
-    Arguments as :func:`fit_noise_model`. Returns ``(data, report)``: ``data[band] =
-    (flux, sigma_mag)`` 1-D float64 arrays of the rows kept for that band; ``report`` a dict of
-    counts (``n_rows``, ``n_after_zcut``, per band ``n_used`` / ``n_skipped_invalid``).
-    """
-    t = _read_table(table)
-    if bands is None:
-        raise ValueError("bands (names, one per flux column) are required")
-    bands = (bands,) if isinstance(bands, str) else tuple(bands)
-    nb = len(bands)
-    if (ivar_cols is None) == (err_cols is None):
-        raise ValueError("give exactly one of ivar_cols (inverse variance) or err_cols (1-sigma)")
-    f = _band_matrix(t, flux_cols, nb, "flux")
-    if ivar_cols is not None:
-        iv = _band_matrix(t, ivar_cols, nb, "ivar")
-        with np.errstate(divide="ignore", invalid="ignore"):
-            sig = np.where(iv > 0, 1.0 / np.sqrt(np.where(iv > 0, iv, 1.0)), np.nan)
-    else:
-        sig = _band_matrix(t, err_cols, nb, "err")
-        sig = np.where(sig > 0, sig, np.nan)
-    scale = np.broadcast_to(np.asarray(flux_scale, np.float64), (nb,))
-    f = f * scale
-    sig = sig * scale
-    if extinction_col is not None:
-        a = _band_matrix(t, extinction_col, nb, "extinction")
-        corr = 10.0 ** (0.4 * a)  # dereddened = observed * 10**(0.4 A); sigma scales likewise
-        f = f * corr
-        sig = sig * corr
-    rows = np.ones(len(t), bool)
-    report = {"n_rows": int(len(t))}
-    if zrange is not None:
-        if zcol is None:
-            raise ValueError("zrange needs zcol")
-        z = _column(t, zcol).reshape(-1)
-        rows = np.isfinite(z) & (z > zrange[0]) & (z < zrange[1])
-        report["zcut"] = f"{zrange[0]} < {zcol} < {zrange[1]}"
-    report["n_after_zcut"] = int(rows.sum())
-    data, per = {}, {}
-    for i, b in enumerate(bands):
-        good = rows & np.isfinite(f[:, i]) & np.isfinite(sig[:, i]) & (f[:, i] > 0) & (sig[:, i] > 0)
-        skipped = int(rows.sum() - good.sum())
-        per[b] = {"n_used": int(good.sum()), "n_skipped_invalid": skipped}
-        if skipped:
-            warnings.warn(f"fit_noise_model: band {b}: skipped {skipped} of {int(rows.sum())} rows "
-                          "(NaN/inf, flux <= 0 or ivar/err <= 0)", stacklevel=3)
-        data[b] = (f[good, i], MAG_PER_LN * sig[good, i] / f[good, i])
-    report["bands"] = per
-    return data, report
-
-
-def _bin_band(flux, smag, n_bins, min_per_bin, spread):
-    lf = np.log10(flux)
-    lo, hi = float(lf.min()), float(lf.max())
-    if hi <= lo:
-        hi = lo + 1e-6
-    edges = np.linspace(lo, hi, n_bins + 1)
-    idx = np.clip(np.searchsorted(edges, lf, side="right") - 1, 0, n_bins - 1)
-    counts = np.bincount(idx, minlength=n_bins)
-    groups, cur, cur_n = [], [], 0  # merge adjacent bins until each holds >= min_per_bin
-    for k in range(n_bins):
-        cur.append(k)
-        cur_n += counts[k]
-        if cur_n >= min_per_bin:
-            groups.append(cur)
-            cur, cur_n = [], 0
-    if cur:
-        if groups:
-            groups[-1] = groups[-1] + cur
-        else:
-            groups.append(cur)
-    groups = [g for g in groups if counts[g].sum() > 0]
-    centers, med, spr, npb, bin_edges = [], [], [], [], [float(edges[groups[0][0]])]
-    for g in groups:
-        m = np.isin(idx, g)
-        s = smag[m]
-        centers.append(float(np.median(lf[m])))
-        med.append(float(np.median(s)))
-        if s.size < 2:
-            spr.append(0.0)
-        elif spread == "std":
-            spr.append(float(np.std(s, ddof=1)))
-        else:
-            spr.append(float(1.4826 * np.median(np.abs(s - np.median(s)))))
-        npb.append(int(m.sum()))
-        bin_edges.append(float(edges[g[-1] + 1]))
-    centers = np.asarray(centers)
-    if np.any(np.diff(centers) <= 0):  # only with heavily tied fluxes: fall back to bin midpoints
-        be = np.asarray(bin_edges)
-        centers = 0.5 * (be[:-1] + be[1:])
-    return {
-        "log10_flux_center": centers.tolist(),
-        "median_sigma_mag": med,
-        "spread_sigma_mag": spr,
-        "n_per_bin": npb,
-        "flux_range": [float(flux.min()), float(flux.max())],
-        "bin_edges_log10_flux": bin_edges,
-    }
-
-
-def fit_noise_model(table, flux_cols, ivar_cols=None, bands=None, *, err_cols=None,
-                    n_bins: int = 20, min_per_bin: int = 25, spread: str = "mad",
-                    extinction_col=None, zcol=None, zrange=None, flux_scale=1.0,
-                    metadata: Optional[dict] = None) -> NoiseModel:
-    """Fit the per-band sigma_mag(f) model to a catalog.
-
-    table: astropy Table (or anything ``Table()`` accepts), or a path astropy can read
-      (FITS / ECSV / CSV).
-    flux_cols: one vector column name with shape (n, n_b) (SDSS style, e.g. ``'MODELFLUX'``), a
-      list of n_b scalar column names (``['flux_g', 'flux_r']``), or an (n, n_b) array. Fluxes in
-      nanomaggies (else pass ``flux_scale``, per band or scalar, multiplying flux and error).
-    ivar_cols: the same for inverse variances (nmgy^-2), e.g. ``'MODELFLUX_IVAR'``; or give
-      ``err_cols`` (1-sigma errors in flux units) instead.
-    bands: band names, one per flux column, e.g. ``('sdss_u', ..., 'sdss_z')``.
-    n_bins, min_per_bin: initial log10-flux bins over each band's range, and the minimum count
-      per bin after merging neighbours (see module docstring).
-    spread: ``'std'`` (sample standard deviation, the SEDflow paper) or ``'mad'`` (1.4826 MAD).
-    extinction_col: Galactic extinction A_b in magnitudes (vector column, list of columns or
-      array). Fluxes *and* errors are multiplied by 10**(0.4 A) (sigma_mag is unchanged, the
-      flux axis moves to intrinsic fluxes, matching noiseless model fluxes).
-    zcol, zrange: keep rows with zrange[0] < z < zrange[1] (strict).
-
-    Rows with NaN/inf, flux <= 0 or ivar <= 0 in a band are skipped for that band only; the
-    count is warned and recorded in ``metadata['bands'][band]['n_skipped_invalid']``.
-    """
-    if spread not in ("std", "mad"):
-        raise ValueError(f"spread must be 'std' or 'mad', got {spread!r}")
-    if int(n_bins) < 1 or int(min_per_bin) < 1:
-        raise ValueError("n_bins and min_per_bin must be >= 1")
-    data, report = catalog_sigma_mag(
-        table, flux_cols, ivar_cols, bands, err_cols=err_cols, extinction_col=extinction_col,
-        zcol=zcol, zrange=zrange, flux_scale=flux_scale)
-    per_band = {}
-    for b, (flux, smag) in data.items():
-        if flux.size < 2:
-            raise ValueError(f"band {b}: only {flux.size} usable rows, cannot fit a noise model")
-        if flux.size < min_per_bin:
-            warnings.warn(f"band {b}: {flux.size} usable rows < min_per_bin={min_per_bin}; one bin",
-                          stacklevel=2)
-        per_band[b] = _bin_band(flux, smag, int(n_bins), int(min_per_bin), spread)
-        report["bands"][b]["bin_edges_log10_flux"] = per_band[b].pop("bin_edges_log10_flux")
-    src = os.fspath(table) if isinstance(table, (str, os.PathLike)) else "astropy Table"
-    md = {
-        "source": src,
-        "flux_cols": flux_cols if isinstance(flux_cols, (str, list, tuple)) else "array",
-        "ivar_cols": ivar_cols if isinstance(ivar_cols, (str, list, tuple, type(None))) else "array",
-        "err_cols": err_cols if isinstance(err_cols, (str, list, tuple, type(None))) else "array",
-        "flux_scale": np.broadcast_to(np.asarray(flux_scale, float), (len(per_band),)).tolist(),
-        "extinction_corrected": extinction_col is not None,
-        "extinction_col": extinction_col if isinstance(extinction_col, (str, list, tuple, type(None)))
-        else "array",
-        "n_bins_initial": int(n_bins),
-        "min_per_bin": int(min_per_bin),
-        "spread": spread,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        **report,
-    }
-    md.update(metadata or {})
-    return NoiseModel.from_per_band(per_band, md)
-
-
-# ---------------------------------------------------------------------------------------------
 # shipped defaults
 # ---------------------------------------------------------------------------------------------
 def available_default_bands() -> tuple:
@@ -621,20 +526,64 @@ def available_default_bands() -> tuple:
     return tuple(b for bs in DEFAULT_TABLES.values() for b in bs)
 
 
-def default_noise_model(bands: Sequence[str] = _SDSS_BANDS) -> NoiseModel:
+def _floor_vector(bands: tuple, floor_mag_max) -> np.ndarray:
+    """(n_b,) floor maxima from None (recommended), a scalar, {band: mag} or a sequence."""
+    if floor_mag_max is None:
+        missing = [b for b in bands if b not in RECOMMENDED_FLOOR_MAG_MAX]
+        if missing:
+            raise KeyError(f"no recommended calibration floor for band(s) {missing}; pass "
+                           "floor_mag_max={band: mag, ...}")
+        floor_mag_max = RECOMMENDED_FLOOR_MAG_MAX
+    if isinstance(floor_mag_max, dict):
+        missing = [b for b in bands if b not in floor_mag_max]
+        if missing:
+            raise KeyError(f"floor_mag_max has no value for band(s) {missing}")
+        floor_mag_max = [floor_mag_max[b] for b in bands]
+    v = np.broadcast_to(np.asarray(floor_mag_max, np.float64), (len(bands),)).copy()
+    if not np.all(np.isfinite(v) & (v >= 0)):
+        raise ValueError(f"floor_mag_max must be finite and >= 0, got {v.tolist()}")
+    return v
+
+
+def with_calibration_floor(noise: NoiseModel, floor_mag_max=None,
+                           p_zero: float = RECOMMENDED_FLOOR_P_ZERO) -> NoiseModel:
+    """``noise`` with a per-row calibration floor switched on (module docstring).
+
+    floor_mag_max: None (:data:`RECOMMENDED_FLOOR_MAG_MAX`: u 0.08, griz 0.05, FUV 0.08, NUV
+    0.05 mag), a scalar for every band, {band: mag} or an (n_b,) sequence in ``noise.bands``
+    order; p_zero: probability in [0, 1) that a row has no floor (default
+    :data:`RECOMMENDED_FLOOR_P_ZERO` = 0.5). The floor is saved with the model (to_dict / JSON,
+    hence in a training set's manifest).
+    """
+    bands = tuple(noise.bands)
+    v = _floor_vector(bands, floor_mag_max)
+    if not 0.0 <= float(p_zero) < 1.0:
+        raise ValueError(f"p_zero must be in [0, 1), got {p_zero}")
+    return dataclasses.replace(noise, floor_mag_max=jnp.asarray(v, jnp.float32),
+                               floor_p_zero=float(p_zero))
+
+
+def default_noise_model(bands: Sequence[str] = _SDSS_BANDS, *,
+                        calibration_floor: bool = False) -> NoiseModel:
     """The shipped noise model for ``bands`` (default SDSS ugriz), in that order.
 
     SDSS ugriz: fitted to 9,264 real SDSS Main-sample galaxies (NYU-VAGC via kcorrect's test
     catalog, MODELFLUX, 0.01 < z < 0.2, extinction corrected). GALEX FUV/NUV: fitted to the few
     hundred GALEX-detected galaxies of the same catalog (see the table's metadata). Raises
     KeyError for a band no shipped table holds.
+
+    calibration_floor: True switches on the recommended floor (:func:`with_calibration_floor`
+    with its defaults: half the rows without a floor, the other half c_b ~ U(0, max_b) with max
+    u 0.08, griz 0.05 mag), so that catalogs with calibration floors in their errors (NSA:
+    sigma_mag >= 0.02 in gri) lie inside the training support; False (default) is the fitted
+    SDSS MODELFLUX model as is (i-band sigma_mag <= ~0.02).
     """
     bands = (bands,) if isinstance(bands, str) else tuple(bands)
     unknown = [b for b in bands if b not in available_default_bands()]
     if unknown:
         raise KeyError(
             f"no shipped noise table for band(s) {unknown}; shipped: {list(available_default_bands())}. "
-            "Fit one from your catalog with sedflow_jax.noise.fit_noise_model(...).")
+            "Fit one from your catalog with sedflow_jax.sim.noise_fit.fit_noise_model(...).")
     models = []
     for fname, held in DEFAULT_TABLES.items():
         want = [b for b in bands if b in held]
@@ -643,66 +592,5 @@ def default_noise_model(bands: Sequence[str] = _SDSS_BANDS) -> NoiseModel:
             with resources.as_file(ref) as p:
                 models.append(NoiseModel.load(p).select(want))
     model = models[0] if len(models) == 1 else NoiseModel.concatenate(models)
-    return model.select(bands)
-
-
-# ---------------------------------------------------------------------------------------------
-# plotting
-# ---------------------------------------------------------------------------------------------
-def plot_noise_model(noise: NoiseModel, table=None, path=None, *, flux_cols=None, ivar_cols=None,
-                     err_cols=None, extinction_col=None, zcol=None, zrange=None, flux_scale=1.0,
-                     data: Optional[dict] = None):
-    """Plot sigma_mag vs flux per band: model median and +-spread, optionally over catalog data.
-
-    table (+ the column arguments of :func:`fit_noise_model`), or ``data={band: (flux, sigma_mag)}``,
-    adds the catalog points and their binned medians. Saves to ``path`` if given (Agg backend);
-    returns the matplotlib Figure.
-    """
-    import matplotlib
-
-    if path is not None:
-        matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    if table is not None and data is None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            data, _ = catalog_sigma_mag(table, flux_cols, ivar_cols, noise.bands, err_cols=err_cols,
-                                        extinction_col=extinction_col, zcol=zcol, zrange=zrange,
-                                        flux_scale=flux_scale)
-    nb = len(noise.bands)
-    ncol = min(nb, 3)
-    nrow = int(math.ceil(nb / ncol))
-    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.4 * nrow), squeeze=False)
-    for i, b in enumerate(noise.bands):
-        ax = axes[i // ncol][i % ncol]
-        k = int(noise.n_bins[i])
-        lo, hi = np.log10(np.asarray(noise.flux_range[i], np.float64))
-        grid = np.linspace(lo - 0.3, hi + 0.3, 200)
-        f = np.zeros((grid.size, nb), np.float32)
-        f[:, i] = 10 ** grid
-        mu, s = (np.asarray(a)[:, i] for a in sigma_mag_params(noise, jnp.asarray(f)))
-        if data is not None and b in data:
-            fx, sm = data[b]
-            ax.scatter(fx, sm, s=2, c="0.6", alpha=0.4, lw=0, label="catalog", rasterized=True)
-        ax.plot(10 ** grid, mu, "C0-", label="model median")
-        ax.fill_between(10 ** grid, mu - s, mu + s, color="C0", alpha=0.25, label="model +-spread")
-        ax.plot(10 ** np.asarray(noise.log10_flux[i, :k]), np.asarray(noise.median[i, :k]), "C1o",
-                ms=3, label="bin centres")
-        for e in (lo, hi):
-            ax.axvline(10 ** e, color="k", ls=":", lw=0.8)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        pos = mu[mu > 0]
-        if pos.size:
-            ax.set_ylim(0.3 * pos.min(), 5 * pos.max())
-        ax.set_title(b)
-        ax.set_xlabel("flux [nanomaggies]")
-        ax.set_ylabel(r"$\sigma$ [mag]")
-    for j in range(nb, nrow * ncol):
-        axes[j // ncol][j % ncol].set_visible(False)
-    axes[0][0].legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=120)
-    return fig
+    model = model.select(bands)
+    return with_calibration_floor(model) if calibration_floor else model

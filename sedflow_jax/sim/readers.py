@@ -11,18 +11,23 @@ import numpy as np
 
 from ..batching import buffered_batches
 from ..util import sha256_file
-from .simulate import read_manifest
+from .store import read_manifest
 
 __all__ = ["iter_shards", "load_training_set", "ShardDataset"]
+
+
+def _check_sha256(path: str, digest: str, entry: dict) -> None:
+    if digest != entry["sha256"]:
+        raise ValueError(f"{path}: sha256 does not match the manifest (corrupt or replaced "
+                         "file); re-run simulate(...) with the same arguments to repair it")
 
 
 def _read_shard(folder: str, entry: dict, verify: bool) -> dict:
     path = os.path.join(folder, entry["file"])
     with open(path, "rb") as fh:
         data = fh.read()
-    if verify and hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise ValueError(f"{path}: sha256 does not match the manifest (corrupt or replaced "
-                         "file); re-run simulate(...) with the same arguments to repair it")
+    if verify:
+        _check_sha256(path, hashlib.sha256(data).hexdigest(), entry)
     with np.load(io.BytesIO(data), allow_pickle=False) as z:
         arrs = {k: z[k] for k in z.files}
     if arrs["keep"].shape[0] != entry["row_stop"] - entry["row_start"]:
@@ -99,9 +104,7 @@ class ShardDataset:
         if verify:  # once, up front; later reads trust the files
             for e in self.entries:
                 p = os.path.join(self.folder, e["file"])
-                if sha256_file(p) != e["sha256"]:
-                    raise ValueError(f"{p}: sha256 does not match the manifest (corrupt or "
-                                     "replaced file); re-run simulate(...) to repair it")
+                _check_sha256(p, sha256_file(p), e)
         counts = [int(e["counts"]["n_kept"]) for e in self.entries]
         self.counts = np.asarray(counts, np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.counts)])

@@ -74,33 +74,36 @@ Readers: :func:`load_training_set` (concatenated arrays, ``keep`` rows only by d
 over the kept rows for :func:`sedflow_jax.train.fit` (it does not import the trainer). Do not
 point ``train.NpzShards`` at raw shards: it would train on the dropped rows too.
 
-Public API: ``simulate``, ``SimulationResult``, ``load_training_set``, ``iter_shards``,
-``read_manifest``, ``ShardDataset``, ``x_names``, ``DROP_REASONS``, ``DEFAULT_BLOCK``.
+
+Public API: ``simulate``, ``SimulationResult``, ``read_manifest``, ``merge_manifests``,
+``simulate_distributed``, ``tables_sha256``, ``DROP_REASONS``, ``DEFAULT_BLOCK``, ``FORMAT``,
+``MANIFEST_NAME`` (the shard store lives in :mod:`sedflow_jax.sim.store`, the jitted block
+kernel in :mod:`sedflow_jax.sim.kernel`; the readers in :mod:`sedflow_jax.sim.readers`).
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
-import glob
 import hashlib
-import io
 import json
 import math
-import os
 import time
 import warnings
 from typing import Any, NamedTuple, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from .. import parallel
-from ..util import (atomic_write_bytes, atomic_write_json, canonical_json, jsonable, key_parts,
-                    sha256_arrays, sha256_file, utc_now, versions)
+from ..sed.model import load_model
+from ..util import canonical_json, jsonable, key_parts, sha256_arrays, utc_now, versions
 from . import noise as noise_mod
 from . import prior as prior_mod
-from .layout import to_conditioning, x_names
+from .kernel import DROP_BITS, DROP_REASONS, Block, BlockRunner, count_flags, keep_mask
+from .layout import x_names
+from .store import (FORMAT, FORMAT_VERSION, HOST_MANIFEST_PATTERN, MANIFEST_NAME, carried_shards,
+                    clear_own_files, done_shards, known_manifests, merge_manifests, plan_shards,
+                    prepare_out, read_manifest, remove_leftovers, shard_size, totals,
+                    warn_environment, write_manifest, write_shard)
 
 __all__ = [
     "simulate",
@@ -112,25 +115,10 @@ __all__ = [
     "DROP_REASONS",
     "DEFAULT_BLOCK",
     "FORMAT",
+    "MANIFEST_NAME",
 ]
 
-FORMAT = "sedflow_jax.training_set"
-FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
-#: per-host manifest part written by ``simulate(..., hosts=(p, P))`` with P > 1
-HOST_MANIFEST_PATTERN = "manifest.host{}.json"
 DEFAULT_BLOCK = 4096
-SHARD_PATTERN = "shard_{:05d}.npz"
-
-#: drop reasons in priority order; bit i of ``flags`` is reason i
-DROP_REASONS = (
-    "model_flux_invalid",
-    "sigma_nonpositive",
-    "out_of_range",
-    "noisy_flux_nonpositive",
-    "x_nonfinite",
-)
-_BIT = {r: 1 << i for i, r in enumerate(DROP_REASONS)}
 
 #: names of the 12 physical parameters stored as 'theta12'
 THETA12_NAMES = tuple(prior_mod.PARAM_NAMES)
@@ -181,173 +169,110 @@ class SimulationResult(NamedTuple):
         return {"theta": self.theta_s[self.keep], "x": self.x[self.keep]}
 
 
-# ---------------------------------------------------------------------------------------------
-# the jitted block kernel
-# ---------------------------------------------------------------------------------------------
-class _Block(NamedTuple):
-    theta_s: Any  # (B, 11)
-    theta: Any  # (B, 12)
-    z: Any  # (B,)
-    x: Any  # (B, 2 nb + 1)
-    flags: Any  # (B,) uint8
-    flux_model: Any  # (B, nb)
-    flux: Any  # (B, nb)
-    sigma: Any  # (B, nb)
-
-
-@functools.partial(jax.jit, static_argnames=("phot", "prior", "block", "key_impl"))
-def _simulate_block(key_data, b, tables, noise, *, phot, prior, block, key_impl):
-    """Rows of block ``b``: every output depends only on (key, b, row within the block)."""
-    key = jax.random.wrap_key_data(key_data, impl=key_impl)
-    kb = jax.random.fold_in(key, b)
-    k_theta, k_z, k_noise = jax.random.split(kb, 3)
-    s = prior_mod.sample_sampling(k_theta, prior, block)
-    theta = prior_mod.from_sampling(s)
-    z = prior_mod.sample_redshift(k_z, prior, block)
-    f = phot(theta, z, tables)
-    noisy = noise_mod.add_noise(k_noise, noise, f, range_cut=False)
-    fhat, sig = noisy.flux, noisy.sigma
-    pos = fhat > 0
-    x = to_conditioning(fhat, sig, z, xp=jnp)
-
-    model_ok = (jnp.all(jnp.isfinite(f) & (f > 0), axis=-1) & jnp.isfinite(z)
-                & jnp.all(jnp.isfinite(theta), axis=-1))
-    conds = (
-        ~model_ok,
-        ~noisy.sigma_ok,
-        ~noisy.in_range,
-        ~jnp.all(pos, axis=-1),
-        ~jnp.all(jnp.isfinite(x), axis=-1),
-    )
-    flags = jnp.zeros((block,), jnp.uint8)
-    for i, c in enumerate(conds):
-        flags = flags | (c.astype(jnp.uint8) << i)
-    return _Block(s, theta, z, x, flags, f, fhat, sig)
-
-
-# ---------------------------------------------------------------------------------------------
-# helpers: keys, config, counts, files
-# ---------------------------------------------------------------------------------------------
-
-
 def tables_sha256(tables) -> str:
     """sha256 of a model's tables (a pytree of arrays): identifies the model in configs."""
     return sha256_arrays(jax.tree_util.tree_leaves(tables))
 
 
-def _counts(flags: np.ndarray, keep: np.ndarray, keep_bits: int) -> dict:
-    """Per-row flags -> counts: ``dropped`` by first *active* reason, ``flagged`` overlapping."""
-    flags = np.asarray(flags, np.uint8)
-    flagged = {r: int(np.count_nonzero(flags & _BIT[r])) for r in DROP_REASONS}
-    dropped = {}
-    rest = ~np.asarray(keep, bool)
-    for r in DROP_REASONS:
-        hit = rest & ((flags & (_BIT[r] & keep_bits)) != 0)
-        dropped[r] = int(np.count_nonzero(hit))
-        rest = rest & ~hit
-    return {"n_rows": int(flags.size), "n_kept": int(np.count_nonzero(keep)),
-            "n_dropped": int(flags.size - np.count_nonzero(keep)),
-            "dropped": dropped, "flagged": flagged}
+# ---------------------------------------------------------------------------------------------
+# the state of one call, and its steps
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _Run:
+    """Everything one :func:`simulate` call works with (filled step by step)."""
+
+    n: int
+    block: int
+    chunk: int
+    include_flux: bool
+    range_cut: bool
+    seed: Any
+    key_data: Any
+    key_impl: str
+    pidx: int
+    pcount: int
+    n_dev: int
+    folder: Optional[str]
+    # inputs and configuration (_configure)
+    model: Any = None
+    prior: Any = None
+    noise: Any = None
+    config: Optional[dict] = None
+    config_sha: str = ""
+    env: Optional[dict] = None
+    rows_per_shard: int = 0
+    # the store (_open_store, _resume)
+    known: list = dataclasses.field(default_factory=list)
+    old: Optional[dict] = None
+    plan: list = dataclasses.field(default_factory=list)
+    mine: list = dataclasses.field(default_factory=list)
+    shards: list = dataclasses.field(default_factory=list)
+    carry: list = dataclasses.field(default_factory=list)
+    created: str = ""
+    sessions: list = dataclasses.field(default_factory=list)
+    session: dict = dataclasses.field(default_factory=dict)
+    # progress of this call
+    rows_computed: int = 0
+    mem: Optional[dict] = None
+
+    @property
+    def multi(self) -> bool:
+        return self.pcount > 1
+
+    @property
+    def own_name(self) -> str:
+        return HOST_MANIFEST_PATTERN.format(self.pidx) if self.multi else MANIFEST_NAME
+
+    @property
+    def keep_bits(self) -> int:
+        return keep_mask(self.range_cut)
+
+    @property
+    def n_shards(self) -> int:
+        return len(self.plan)
+
+    def mine_done(self) -> bool:
+        return all(self.shards[p["index"]] is not None for p in self.mine)
 
 
-def _sum_counts(items) -> dict:
-    tot = {"n_rows": 0, "n_kept": 0, "n_dropped": 0,
-           "dropped": {r: 0 for r in DROP_REASONS}, "flagged": {r: 0 for r in DROP_REASONS}}
-    for c in items:
-        for k in ("n_rows", "n_kept", "n_dropped"):
-            tot[k] += int(c[k])
-        for k in ("dropped", "flagged"):
-            for r in DROP_REASONS:
-                tot[k][r] += int(c[k].get(r, 0))
-    return tot
+def _check_count(n) -> int:
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer, float)):
+        raise TypeError(f"n must be an integer, got {type(n).__name__}")
+    if isinstance(n, float):
+        if not n.is_integer():
+            raise ValueError(f"n must be a whole number, got {n}")
+        n = int(n)
+    n = int(n)
+    if n <= 0:
+        raise ValueError(f"n must be > 0, got {n}")
+    return n
 
 
-def _keep_mask(range_cut: bool) -> int:
-    m = 0
-    for r in DROP_REASONS:
-        if r == "out_of_range" and not range_cut:
-            continue
-        m |= _BIT[r]
-    return m
-
-
-def _write_manifest(folder: str, manifest: dict, name: str = MANIFEST_NAME) -> None:
-    atomic_write_json(os.path.join(folder, name), manifest)
-
-
-def read_manifest(path) -> dict:
-    """The manifest dict of a training-set folder (or of a ``manifest.json`` path, or of a
-    per-host part ``manifest.host{p}.json``)."""
-    path = os.fspath(path)
-    base = os.path.basename(path)
-    is_file = base == MANIFEST_NAME or (base.startswith("manifest.host") and base.endswith(".json"))
-    mpath = path if is_file else os.path.join(path, MANIFEST_NAME)
-    if not os.path.isfile(mpath):
-        folder = os.path.dirname(mpath) or "."
-        if glob.glob(os.path.join(folder, HOST_MANIFEST_PATTERN.format("*"))):
-            raise FileNotFoundError(
-                f"no {MANIFEST_NAME} in {folder}, only per-host parts (manifest.host*.json) of a "
-                "multi-host run: finish every host, then call "
-                "sedflow_jax.sim.merge_manifests(folder)")
-        raise FileNotFoundError(f"no {MANIFEST_NAME} in {folder}: not a "
-                                "training set written by sedflow_jax.simulation.simulate")
-    with open(mpath) as fh:
-        m = json.load(fh)
-    if m.get("format") != FORMAT:
-        raise ValueError(f"{mpath}: not a {FORMAT} manifest (format={m.get('format')!r})")
-    if int(m.get("format_version", 0)) > FORMAT_VERSION:
-        raise ValueError(f"{mpath}: format version {m['format_version']} is newer than this "
-                         f"package supports ({FORMAT_VERSION})")
-    return m
-
-
-def _prepare_out(out) -> str:
-    """Create the folder and prove it is writable (before any computation)."""
-    folder = os.path.abspath(os.fspath(out))
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise NotADirectoryError(f"simulate(out={out!r}): exists and is not a folder")
-    try:
-        os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, f".write-test-{os.getpid()}")
-        with open(probe, "wb") as fh:
-            fh.write(b"ok")
-        os.remove(probe)
-    except OSError as e:
-        raise PermissionError(f"simulate(out={out!r}): the output folder cannot be created or "
-                              f"written ({e.__class__.__name__}: {e})") from e
-    return folder
-
-
-def _our_files(folder: str):
-    pats = ("shard_*.npz", "shard_*.npz.tmp-*", MANIFEST_NAME, MANIFEST_NAME + ".tmp-*",
-            HOST_MANIFEST_PATTERN.format("*"), HOST_MANIFEST_PATTERN.format("*") + ".tmp-*")
-    out = []
-    for p in pats:
-        out.extend(glob.glob(os.path.join(folder, p)))
-    return sorted(set(out))
-
-
-def _shard_index(name: str):
-    """``shard_00012.npz[.tmp-123]`` -> 12 (None for other names)."""
-    base = os.path.basename(name)
-    if not base.startswith("shard_"):
-        return None
-    digits = base[len("shard_"):].split(".", 1)[0]
-    return int(digits) if digits.isdigit() else None
-
-
-def _is_own_file(name: str, own_manifest: str, pidx: int, pcount: int) -> bool:
-    """Is this file (or temporary file) written by host ``pidx`` of ``pcount``?"""
-    base = os.path.basename(name)
-    if base == own_manifest or base.startswith(own_manifest + ".tmp-"):
-        return True
-    i = _shard_index(base)
-    return i is not None and i % pcount == pidx
-
-
-def _config_diff(a: dict, b: dict) -> list:
-    keys = sorted(set(a) | set(b))
-    return [k for k in keys if canonical_json(a.get(k)) != canonical_json(b.get(k))]
+def _check_args(key_or_seed, n, *, out, chunk, block, include_flux, range_cut, mesh,
+                hosts) -> _Run:
+    """The cheap argument checks (before anything else), and the output folder proven
+    writable."""
+    n = _check_count(n)
+    block = int(block)
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+    chunk = int(chunk)
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    seed, key_data, key_impl, _ = key_parts(key_or_seed)
+    pidx, pcount = parallel.resolve_hosts(hosts)
+    if pcount > 1 and out is None:
+        raise ValueError("simulate(hosts=...) with more than one process needs out= (a folder "
+                         "shared by all hosts)")
+    n_dev = 1
+    if mesh is not None:
+        n_dev = parallel.mesh_size(mesh, local=True)
+        if block % n_dev:
+            raise ValueError(f"block={block} must be a multiple of the mesh's {n_dev} devices")
+    folder = prepare_out(out) if out is not None else None
+    return _Run(n=n, block=block, chunk=chunk, include_flux=bool(include_flux),
+                range_cut=bool(range_cut), seed=seed, key_data=key_data, key_impl=key_impl,
+                pidx=pidx, pcount=pcount, n_dev=n_dev, folder=folder)
 
 
 def _resolve_inputs(model, prior, noise):
@@ -358,8 +283,6 @@ def _resolve_inputs(model, prior, noise):
     if prior.zmin < 0:
         raise ValueError(f"the redshift prior must be >= 0, got {prior.redshift}")
     if model is None:
-        from ..sed.model import load_model
-
         model = load_model(z_max=prior.zmax)
     for attr in ("phot_batch", "tables", "filter_names", "config", "grid"):
         if not hasattr(model, attr):
@@ -394,6 +317,230 @@ def _build_config(*, key_data, key_impl, n, block, range_cut, include_flux, mode
         "model_config": dataclasses.asdict(model.config),
         "model_tables_sha256": tables_sha256(model.tables),
     }
+
+
+def _configure(run: _Run, model, prior, noise) -> None:
+    """Inputs (defaults filled in and checked) and the configuration the manifest records."""
+    run.model, run.prior, run.noise = _resolve_inputs(model, prior, noise)
+    config = _build_config(key_data=run.key_data, key_impl=run.key_impl, n=run.n,
+                           block=run.block, range_cut=run.range_cut,
+                           include_flux=run.include_flux, model=run.model, prior=run.prior,
+                           noise=run.noise)
+    run.config = json.loads(json.dumps(jsonable(config)))  # exactly what the manifest holds
+    run.config_sha = hashlib.sha256(canonical_json(run.config).encode()).hexdigest()
+    run.env = versions()
+    run.rows_per_shard = max(1, math.ceil(run.chunk / run.block)) * run.block
+
+
+def _open_store(run: _Run, overwrite: bool) -> None:
+    """An existing folder is resumed (same configuration), refused (another one) or cleared
+    (``overwrite``); then the shards are planned.
+
+    ``run.known``: every manifest in the folder (manifest.json and per-host parts) holding this
+    configuration; ``run.old``: this writer's own one (manifest.json, or its host part)."""
+    folder = run.folder
+    if folder is not None:
+        if not overwrite:
+            run.known = known_manifests(folder, run.config)
+            run.rows_per_shard = shard_size(folder, run.known, run.rows_per_shard, run.chunk)
+            if run.known:
+                run.old = dict(run.known).get(run.own_name)
+                warn_environment(folder, run.old if run.old is not None else run.known[0][1],
+                                 run.env)
+        else:
+            clear_own_files(folder, run.own_name, run.pidx, run.pcount)
+        remove_leftovers(folder, run.own_name, run.pidx, run.pcount)
+    run.plan = plan_shards(run.n, run.rows_per_shard, run.block)
+    # this writer's shards: all of them, or those with index % process_count == process_index
+    run.mine = [p for p in run.plan if p["index"] % run.pcount == run.pidx]
+
+
+def _resume(run: _Run, mesh) -> None:
+    """The shards already present (sha256-checked), those a restarted host keeps listing, and
+    this call's session record."""
+    run.shards = done_shards(run.folder, run.known, run.own_name, run.mine, run.n_shards)
+    if run.multi and run.old is not None:
+        run.carry = carried_shards(run.folder, run.old, run.mine, run.plan)
+    old = run.old
+    run.created = old.get("created") if old is not None else utc_now()
+    run.sessions = list(old.get("sessions", [])) if old is not None else []
+    run.session = {"started": utc_now(), "rows_computed": 0, "wall_s": 0.0,
+                   "environment": run.env}
+    if mesh is not None:
+        run.session["devices"] = run.n_dev
+    if run.multi:
+        run.session["host"] = run.pidx
+    run.sessions.append(run.session)
+    if run.folder is None:
+        run.mem = {f: [] for f in (*Block._fields, "keep")}
+
+
+def _array_notes(include_flux: bool) -> dict:
+    return {
+        "theta": "(m, 11) float32 flow target, sampling space (theta_names)",
+        "theta12": "(m, 12) float32 physical parameters (theta12_names)",
+        "x": "(m, 2*n_bands+1) float32 conditioning (x_names): mag = 22.5 - 2.5 log10 "
+             "f_noisy; sigma_mag = 2.5/ln10 sigma_f / f_noisy; z",
+        "z": "(m,) float32 redshift",
+        "keep": "(m,) bool training rows",
+        "flags": "(m,) uint8 drop-reason bits (drop_reasons)",
+        **({"flux": "(m, n_bands) float32 noisy flux [nanomaggies]",
+            "sigma": "(m, n_bands) float32 sigma_f [nanomaggies]",
+            "flux_model": "(m, n_bands) float32 noiseless flux [nanomaggies]"}
+           if include_flux else {}),
+    }
+
+
+def _manifest(run: _Run, complete: bool) -> dict:
+    """The manifest of this writer now (its shards done so far)."""
+    done = sorted([e for e in run.shards if e is not None] + run.carry,
+                  key=lambda e: e["index"])
+    tot = totals(done)
+    bands = list(run.model.filter_names)
+    m = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "complete": complete,
+        "created": run.created,
+        "updated": utc_now(),
+        "config": run.config,
+        "config_sha256": run.config_sha,
+        "seed": run.seed,
+        "n": run.n,
+        "layout": {"block": run.block, "rows_per_shard": run.rows_per_shard,
+                   "n_shards": run.n_shards, "chunk_requested": run.chunk},
+        "shards": done,
+        **{k: tot[k] for k in ("n_rows_done", "n_kept", "n_dropped", "dropped", "flagged")},
+        "drop_reasons": {r: DROP_BITS[r] for r in DROP_REASONS},
+        "keep_rule": f"keep = (flags & {run.keep_bits}) == 0",
+        "timings": tot["timings"],
+        "sessions": run.sessions,
+        "bands": bands,
+        "theta_names": list(THETA_NAMES),
+        "theta12_names": list(THETA12_NAMES),
+        "x_names": list(x_names(bands)),
+        "arrays": _array_notes(run.include_flux),
+        "environment": run.env,
+    }
+    if run.multi:
+        m["host"] = {"process_index": run.pidx, "process_count": run.pcount,
+                     "assigned": [p["index"] for p in run.mine]}
+    return jsonable(m)
+
+
+def _payload(arrs: dict, keep, flags, include_flux: bool) -> dict:
+    """A shard's arrays under their on-disk names (this order: the files are bit-stable)."""
+    payload = {"theta": arrs["theta_s"], "theta12": arrs["theta"], "x": arrs["x"],
+               "z": arrs["z"], "keep": keep, "flags": flags}
+    if include_flux:
+        payload.update(flux=arrs["flux"], sigma=arrs["sigma"], flux_model=arrs["flux_model"])
+    return payload
+
+
+def _record_shard(run: _Run, p: dict, arrs: dict, t_compute: float, t_start: float) -> int:
+    """Keep (in memory) or write one computed shard, list it and rewrite the manifest;
+    returns its rows."""
+    t1 = time.perf_counter()
+    flags = arrs["flags"]
+    keep = (flags & run.keep_bits) == 0
+    m = p["row_stop"] - p["row_start"]
+    entry = {k: p[k] for k in ("index", "file", "row_start", "row_stop")}
+    entry.update(n_rows=m, counts=count_flags(flags, keep, run.keep_bits),
+                 timing={"compute_s": t_compute, "write_s": 0.0})
+    if run.folder is None:
+        for f in Block._fields:
+            run.mem[f].append(arrs[f])
+        run.mem["keep"].append(keep)
+    else:
+        entry.update(write_shard(run.folder, p["file"],
+                                 _payload(arrs, keep, flags, run.include_flux)))
+    run.shards[p["index"]] = entry
+    run.rows_computed += m
+    if run.folder is not None:
+        run.session["rows_computed"] = run.rows_computed
+        run.session["wall_s"] = time.perf_counter() - t_start
+        entry["timing"]["write_s"] = time.perf_counter() - t1
+        write_manifest(run.folder, _manifest(run, complete=run.mine_done()), run.own_name)
+    return m
+
+
+def _progress_bar(run: _Run):
+    from tqdm.auto import tqdm
+
+    done_rows = sum(e["row_stop"] - e["row_start"] for e in run.shards if e is not None)
+    total = sum(p["row_stop"] - p["row_start"] for p in run.mine)
+    return tqdm(total=total, initial=done_rows, unit="gal", unit_scale=True, desc="simulate",
+                smoothing=0.1)
+
+
+def _compute(run: _Run, runner: BlockRunner, todo: list, pbar, t_start: float,
+             stop_after: Optional[int]) -> dict:
+    """Compute and record the shards of ``todo`` (stopping after ``stop_after`` of them);
+    the loop's timings and whether it was stopped early."""
+    stats = {"compute_wait_s": 0.0, "write_s": 0.0, "stopped": False}
+    t_loop = time.perf_counter()
+    try:
+        for j, (p, arrs, t_compute) in enumerate(runner.shards(todo)):
+            t1 = time.perf_counter()
+            m = _record_shard(run, p, arrs, t_compute, t_start)
+            stats["compute_wait_s"] += t_compute
+            stats["write_s"] += time.perf_counter() - t1
+            if pbar is not None:
+                pbar.update(m)
+            if stop_after is not None and j + 1 >= int(stop_after) and j + 1 < len(todo):
+                stats["stopped"] = True
+                break
+    finally:
+        if pbar is not None:
+            pbar.close()
+    stats["t_end"] = time.perf_counter()
+    stats["loop_s"] = stats["t_end"] - t_loop
+    return stats
+
+
+def _memory_arrays(run: _Run) -> dict:
+    """The result's arrays of an in-memory run (empty for a folder)."""
+    if run.folder is not None:
+        return {}
+    cat = {f: np.concatenate(v) for f, v in run.mem.items()}
+    arrays = dict(theta=cat["theta"], theta_s=cat["theta_s"], x=cat["x"], z=cat["z"],
+                  keep=cat["keep"], flags=cat["flags"])
+    if run.include_flux:
+        arrays.update(flux=cat["flux"], sigma=cat["sigma"], flux_model=cat["flux_model"])
+    return arrays
+
+
+def _finish(run: _Run, stats: dict, timings: dict, t_start: float) -> SimulationResult:
+    """The final manifest (written unless nothing changed), the merge of a multi-host run
+    whose last share this was, and the result."""
+    complete = run.mine_done()
+    run.session["rows_computed"] = run.rows_computed
+    run.session["wall_s"] = stats["t_end"] - t_start
+    manifest = _manifest(run, complete=complete)
+    if run.folder is None:
+        manifest["shards"] = []  # no files
+    elif run.rows_computed == 0 and run.old is not None and run.old.get("complete") == complete:
+        manifest = run.old  # nothing to do: leave the folder untouched
+    else:
+        write_manifest(run.folder, manifest, run.own_name)
+    if run.multi and complete and not stats["stopped"]:
+        # the host finishing the last share writes manifest.json (all hosts may try: the
+        # merged manifest is written atomically and is the same whoever writes it)
+        try:
+            merge_manifests(run.folder, strict=False)
+        except (ValueError, OSError) as e:
+            warnings.warn(f"{run.folder}: could not merge the host manifests yet ({e}); run "
+                          "sedflow_jax.sim.merge_manifests(folder) when all hosts are done",
+                          stacklevel=3)
+    rows, loop_s = run.rows_computed, stats["loop_s"]
+    timings.update(compute_wait_s=stats["compute_wait_s"], write_s=stats["write_s"],
+                   loop_s=loop_s, total_s=stats["t_end"] - t_start, rows_computed=rows,
+                   galaxies_per_s=rows / loop_s if rows and loop_s > 0 else None)
+    return SimulationResult(
+        out=run.folder, n_requested=run.n, n_kept=int(manifest["n_kept"]),
+        n_dropped=int(manifest["n_dropped"]), dropped=dict(manifest["dropped"]),
+        flagged=dict(manifest["flagged"]), timings=timings, manifest=manifest,
+        complete=complete and not stats["stopped"], **_memory_arrays(run))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -453,496 +600,21 @@ def simulate(key_or_seed, n, model=None, prior=None, noise=None, *, out=None, ch
             before anything is computed).
     """
     t_start = time.perf_counter()
-    # -- argument checks (cheap, before anything else) ---------------------------------------
-    if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer, float)):
-        raise TypeError(f"n must be an integer, got {type(n).__name__}")
-    if isinstance(n, float):
-        if not n.is_integer():
-            raise ValueError(f"n must be a whole number, got {n}")
-        n = int(n)
-    n = int(n)
-    if n <= 0:
-        raise ValueError(f"n must be > 0, got {n}")
-    block = int(block)
-    if block < 1:
-        raise ValueError(f"block must be >= 1, got {block}")
-    chunk = int(chunk)
-    if chunk < 1:
-        raise ValueError(f"chunk must be >= 1, got {chunk}")
-    seed, key_data, key_impl, _ = key_parts(key_or_seed)
-    pidx, pcount = parallel.resolve_hosts(hosts)
-    multi = pcount > 1
-    if multi and out is None:
-        raise ValueError("simulate(hosts=...) with more than one process needs out= (a folder "
-                         "shared by all hosts)")
-    n_dev = 1
-    if mesh is not None:
-
-        n_dev = parallel.mesh_size(mesh, local=True)
-        if block % n_dev:
-            raise ValueError(f"block={block} must be a multiple of the mesh's {n_dev} devices")
-    folder = _prepare_out(out) if out is not None else None
-    own_name = HOST_MANIFEST_PATTERN.format(pidx) if multi else MANIFEST_NAME
-
-    # -- inputs and configuration ------------------------------------------------------------
-    model, prior, noise = _resolve_inputs(model, prior, noise)
-    bands = tuple(model.filter_names)
-    config = _build_config(key_data=key_data, key_impl=key_impl, n=n, block=block,
-                           range_cut=range_cut, include_flux=include_flux, model=model,
-                           prior=prior, noise=noise)
-    config = json.loads(json.dumps(jsonable(config)))  # exactly what the manifest holds
-    config_sha = hashlib.sha256(canonical_json(config).encode()).hexdigest()
-    env = versions()
-    rows_per_shard = max(1, math.ceil(chunk / block)) * block
-
-    # -- existing folder: resume, refuse or clear --------------------------------------------
-    # ``known``: every manifest in the folder (manifest.json and per-host parts) holding this
-    # configuration; ``old``: this writer's own one (manifest.json, or its host part).
-    old = None
-    known = []
-    if folder is not None:
-        if not overwrite:
-            # shard files first, manifests second: a writer saves its manifest before any of
-            # its shards, so a shard seen here always has its manifest seen below
-            shard_files = glob.glob(os.path.join(folder, "shard_*.npz"))
-            names = [MANIFEST_NAME] + sorted(
-                os.path.basename(p)
-                for p in glob.glob(os.path.join(folder, HOST_MANIFEST_PATTERN.format("*"))))
-            for name in names:
-                mpath = os.path.join(folder, name)
-                if not os.path.exists(mpath):
-                    continue
-                try:
-                    m = read_manifest(mpath)
-                except (ValueError, json.JSONDecodeError) as e:
-                    what = "manifest" if name == MANIFEST_NAME else f"manifest part {name}"
-                    raise ValueError(f"{folder} holds an unreadable {what} ({e}); pass "
-                                     "overwrite=True to replace it") from e
-                diff = _config_diff(m.get("config", {}), config)
-                if diff:
-                    raise ValueError(
-                        f"{folder} already holds a training set with a different configuration "
-                        f"(differs in: {', '.join(diff)}; in {name}). Use another folder, or "
-                        "overwrite=True to replace it.")
-                known.append((name, m))
-            if not known and shard_files:
-                raise ValueError(f"{folder} holds shard files but no manifest; pass "
-                                 "overwrite=True to replace them, or use another folder")
-            if known:
-                sizes = {int(m["layout"]["rows_per_shard"]) for _, m in known}
-                if len(sizes) > 1:
-                    raise ValueError(f"{folder}: its manifests disagree on the shard size "
-                                     f"({sorted(sizes)} rows); pass overwrite=True")
-                old_rps = sizes.pop()
-                if old_rps != rows_per_shard:
-                    warnings.warn(
-                        f"resuming {folder}: keeping its shard size of {old_rps} rows "
-                        f"(chunk={chunk} requested); values are the same either way",
-                        stacklevel=2)
-                    rows_per_shard = old_rps
-                old = dict(known).get(own_name)
-                oenv = (old if old is not None else known[0][1]).get("environment", {})
-                for k in ("jax", "jaxlib", "backend"):
-                    if oenv.get(k) != env.get(k):
-                        warnings.warn(f"resuming {folder} written with {k}={oenv.get(k)!r}, now "
-                                      f"{env.get(k)!r}: new shards may not be bit-identical to "
-                                      "the old ones", stacklevel=2)
-        else:
-            for p in _our_files(folder):
-                # several hosts: each clears only its own files (and the merged manifest)
-                if not multi or os.path.basename(p).startswith(MANIFEST_NAME) or \
-                        _is_own_file(p, own_name, pidx, pcount):
-                    try:
-                        os.remove(p)
-                    except FileNotFoundError:  # another host removed it first
-                        pass
-        for p in glob.glob(os.path.join(folder, "*.tmp-*")):  # leftovers of a killed run
-            base = os.path.basename(p)
-            if not base.startswith(("shard_", MANIFEST_NAME, "manifest.host")):
-                continue
-            if multi and not _is_own_file(base, own_name, pidx, pcount):
-                continue  # another host may be writing it right now
-            try:
-                os.remove(p)
-            except FileNotFoundError:
-                pass
-
-    n_shards = math.ceil(n / rows_per_shard)
-    plan = []
-    for s in range(n_shards):
-        r0 = s * rows_per_shard
-        r1 = min(n, r0 + rows_per_shard)
-        plan.append({"index": s, "file": SHARD_PATTERN.format(s), "row_start": r0,
-                     "row_stop": r1, "block_start": r0 // block,
-                     "block_stop": math.ceil(r1 / block)})
-
-    # this writer's shards: all of them, or those with index % process_count == process_index
-    mine = [p for p in plan if p["index"] % pcount == pidx]
-    shards = [None] * n_shards  # only this writer's entries are ever filled
-    cands = {}
-    for name, m in sorted(known, key=lambda nm: nm[0] != own_name):  # own manifest first
-        for e in m.get("shards", []):
-            cands.setdefault(int(e["index"]), []).append(e)
-    for p in mine:
-        es = [e for e in cands.get(p["index"], []) if e["row_start"] == p["row_start"]
-              and e["row_stop"] == p["row_stop"] and e.get("file") == p["file"]]
-        fpath = os.path.join(folder, p["file"]) if folder is not None else None
-        if es and os.path.isfile(fpath):
-            h = sha256_file(fpath)
-            shards[p["index"]] = next((e for e in es if e.get("sha256") == h), None)
-    todo = [p for p in mine if shards[p["index"]] is None]
-    # a restarted host with another process count keeps listing the shards it wrote before
-    # that are now assigned to others, so that no manifest forgets a finished shard
-    carry = []
-    if multi and old is not None:
-        mine_idx = {p["index"] for p in mine}
-        for e in old.get("shards", []):
-            i = int(e["index"])
-            if i not in mine_idx and i < n_shards and e.get("file") == plan[i]["file"] and \
-                    (e["row_start"], e["row_stop"]) == (plan[i]["row_start"],
-                                                        plan[i]["row_stop"]) and \
-                    os.path.isfile(os.path.join(folder, e["file"])):
-                carry.append(e)
-
-    created = old.get("created") if old is not None else utc_now()
-    keep_bits = _keep_mask(range_cut)
-    sessions = list(old.get("sessions", [])) if old is not None else []
-    session = {"started": utc_now(), "rows_computed": 0, "wall_s": 0.0, "environment": env}
-    if mesh is not None:
-        session["devices"] = n_dev
-    if multi:
-        session["host"] = pidx
-    sessions.append(session)
-
-    def manifest_now(complete: bool) -> dict:
-        return jsonable(_manifest(complete))
-
-    def _manifest(complete: bool) -> dict:
-        done = sorted([e for e in shards if e is not None] + carry, key=lambda e: e["index"])
-        tot = _sum_counts(e["counts"] for e in done)
-        comp = sum(e["timing"]["compute_s"] for e in done)
-        wr = sum(e["timing"]["write_s"] for e in done)
-        return {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "complete": complete,
-            "created": created,
-            "updated": utc_now(),
-            "config": config,
-            "config_sha256": config_sha,
-            "seed": seed,
-            "n": n,
-            "layout": {"block": block, "rows_per_shard": rows_per_shard, "n_shards": n_shards,
-                       "chunk_requested": chunk},
-            "shards": done,
-            "n_rows_done": tot["n_rows"],
-            "n_kept": tot["n_kept"],
-            "n_dropped": tot["n_dropped"],
-            "dropped": tot["dropped"],
-            "flagged": tot["flagged"],
-            "drop_reasons": {r: _BIT[r] for r in DROP_REASONS},
-            "keep_rule": f"keep = (flags & {keep_bits}) == 0",
-            "timings": {"compute_s": comp, "write_s": wr,
-                        "galaxies_per_s_compute": tot["n_rows"] / comp if comp > 0 else None},
-            "sessions": sessions,
-            "bands": list(bands),
-            "theta_names": list(THETA_NAMES),
-            "theta12_names": list(THETA12_NAMES),
-            "x_names": list(x_names(bands)),
-            "arrays": {
-                "theta": "(m, 11) float32 flow target, sampling space (theta_names)",
-                "theta12": "(m, 12) float32 physical parameters (theta12_names)",
-                "x": "(m, 2*n_bands+1) float32 conditioning (x_names): mag = 22.5 - 2.5 log10 "
-                     "f_noisy; sigma_mag = 2.5/ln10 sigma_f / f_noisy; z",
-                "z": "(m,) float32 redshift",
-                "keep": "(m,) bool training rows",
-                "flags": "(m,) uint8 drop-reason bits (drop_reasons)",
-                **({"flux": "(m, n_bands) float32 noisy flux [nanomaggies]",
-                    "sigma": "(m, n_bands) float32 sigma_f [nanomaggies]",
-                    "flux_model": "(m, n_bands) float32 noiseless flux [nanomaggies]"}
-                   if include_flux else {}),
-            },
-            "environment": env,
-            **({"host": {"process_index": pidx, "process_count": pcount,
-                         "assigned": [p["index"] for p in mine]}} if multi else {}),
-        }
-
-    # -- compute ---------------------------------------------------------------------------
-    kd = jnp.asarray(key_data)
-    phot, tables, noise_arg = model.phot_batch, model.tables, noise
-    if mesh is not None:  # photometry split over the mesh; inputs replicated on it
-        phot = parallel.sharded_phot_fn(model, mesh)
-        kd, tables, noise_arg = parallel.replicate((kd, tables, noise), mesh)
-    statics = dict(phot=phot, prior=prior, block=block, key_impl=key_impl)
-
-    def dispatch(p, first=None):
-        outs = [] if first is None else [first]
-        for b in range(p["block_start"] + len(outs), p["block_stop"]):
-            outs.append(_simulate_block(kd, np.uint32(b), tables, noise_arg, **statics))
-        return outs
-
-    def gather(p, outs):
-        host = jax.device_get(outs)
-        cat = {f: np.concatenate([getattr(h, f) for h in host]) for f in _Block._fields}
-        off = p["row_start"] - p["block_start"] * block
-        m = p["row_stop"] - p["row_start"]
-        return {k: v[off:off + m] for k, v in cat.items()}
-
-    def write_shard(p, arrs, keep, flags) -> dict:
-        payload = {"theta": arrs["theta_s"], "theta12": arrs["theta"], "x": arrs["x"],
-                   "z": arrs["z"], "keep": keep, "flags": flags}
-        if include_flux:
-            payload.update(flux=arrs["flux"], sigma=arrs["sigma"], flux_model=arrs["flux_model"])
-        buf = io.BytesIO()
-        np.savez(buf, **payload)
-        data = buf.getvalue()
-        atomic_write_bytes(os.path.join(folder, p["file"]), data)
-        return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-
-    mem = {f: [] for f in (*_Block._fields, "keep")} if folder is None else None
-    pbar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        done_rows = sum(e["row_stop"] - e["row_start"] for e in shards if e is not None)
-        total = sum(p["row_stop"] - p["row_start"] for p in mine)
-        pbar = tqdm(total=total, initial=done_rows, unit="gal", unit_scale=True, desc="simulate",
-                    smoothing=0.1)
-    if folder is not None and old is None:
-        _write_manifest(folder, manifest_now(complete=not todo), own_name)
-
-    t_setup = time.perf_counter() - t_start
-    t_first = None
-    t_wait = t_write = 0.0
-    rows_computed = 0
-    stopped = False
-    t_loop = time.perf_counter()
-    try:
-        pending = None
-        if todo:
-            # the first block alone, synchronously: its time is mostly compilation
-            t0 = time.perf_counter()
-            first = jax.block_until_ready(_simulate_block(
-                kd, np.uint32(todo[0]["block_start"]), tables, noise_arg, **statics))
-            t_first = time.perf_counter() - t0
-            pending = dispatch(todo[0], first)
-        for j, p in enumerate(todo):
-            t0 = time.perf_counter()
-            arrs = gather(p, pending)
-            # keep the device busy while the host writes this shard
-            pending = dispatch(todo[j + 1]) if j + 1 < len(todo) else None
-            t_compute = time.perf_counter() - t0
-            t1 = time.perf_counter()
-            flags = arrs["flags"]
-            keep = (flags & keep_bits) == 0
-            counts = _counts(flags, keep, keep_bits)
-            m = p["row_stop"] - p["row_start"]
-            entry = {k: p[k] for k in ("index", "file", "row_start", "row_stop")}
-            entry.update(n_rows=m, counts=counts,
-                         timing={"compute_s": t_compute, "write_s": 0.0})
-            if folder is None:
-                for f in _Block._fields:
-                    mem[f].append(arrs[f])
-                mem["keep"].append(keep)
-            else:
-                entry.update(write_shard(p, arrs, keep, flags))
-            shards[p["index"]] = entry
-            rows_computed += m
-            if folder is not None:
-                session["rows_computed"] = rows_computed
-                session["wall_s"] = time.perf_counter() - t_start
-                entry["timing"]["write_s"] = time.perf_counter() - t1
-                _write_manifest(folder, manifest_now(
-                    complete=all(shards[q["index"]] is not None for q in mine)), own_name)
-            t_wait += t_compute
-            t_write += time.perf_counter() - t1
-            if pbar is not None:
-                pbar.update(m)
-            if _stop_after_shards is not None and j + 1 >= int(_stop_after_shards) \
-                    and j + 1 < len(todo):
-                stopped = True
-                break
-    finally:
-        if pbar is not None:
-            pbar.close()
-    t_end = time.perf_counter()
-    loop_s = t_end - t_loop
-
-    complete = all(shards[p["index"]] is not None for p in mine)
-    session["rows_computed"] = rows_computed
-    session["wall_s"] = t_end - t_start
-    manifest = manifest_now(complete=complete)
-    if folder is None:
-        manifest["shards"] = []  # no files
-    elif rows_computed == 0 and old is not None and old.get("complete") == complete:
-        manifest = old  # nothing to do: leave the folder untouched
-    else:
-        _write_manifest(folder, manifest, own_name)
-    if multi and complete and not stopped:
-        # the host finishing the last share writes manifest.json (all hosts may try: the
-        # merged manifest is written atomically and is the same whoever writes it)
-
-        try:
-            merge_manifests(folder, strict=False)
-        except (ValueError, OSError) as e:
-            warnings.warn(f"{folder}: could not merge the host manifests yet ({e}); run "
-                          "sedflow_jax.sim.merge_manifests(folder) when all hosts are done",
-                          stacklevel=2)
-
-    timings = {
-        "setup_s": t_setup,
-        "first_block_s": t_first,
-        "compute_wait_s": t_wait,
-        "write_s": t_write,
-        "loop_s": loop_s,
-        "total_s": t_end - t_start,
-        "rows_computed": rows_computed,
-        "galaxies_per_s": rows_computed / loop_s if rows_computed and loop_s > 0 else None,
-    }
-    tot = {"n_kept": manifest["n_kept"], "n_dropped": manifest["n_dropped"],
-           "dropped": manifest["dropped"], "flagged": manifest["flagged"]}
-    arrays = {}
-    if folder is None:
-        cat = {f: np.concatenate(v) for f, v in mem.items()}
-        arrays = dict(theta=cat["theta"], theta_s=cat["theta_s"], x=cat["x"], z=cat["z"],
-                      keep=cat["keep"], flags=cat["flags"])
-        if include_flux:
-            arrays.update(flux=cat["flux"], sigma=cat["sigma"], flux_model=cat["flux_model"])
-    return SimulationResult(
-        out=folder, n_requested=n, n_kept=int(tot["n_kept"]), n_dropped=int(tot["n_dropped"]),
-        dropped=dict(tot["dropped"]), flagged=dict(tot["flagged"]), timings=timings,
-        manifest=manifest, complete=complete and not stopped, **arrays)
-
-
-# ---------------------------------------------------------------------------------------------
-# readers
-# ---------------------------------------------------------------------------------------------
-
-
-# ---------------------------------------------------------------------------------------------
-# multi-host training sets
-# ---------------------------------------------------------------------------------------------
-def merge_manifests(out, *, strict: bool = True, verify: bool = False) -> Optional[dict]:
-    """Join the per-host manifest parts (``manifest.host{p}.json``) of a training-set folder
-    into its ``manifest.json``.
-
-    Every shard of the plan (``n`` rows in ``rows_per_shard`` shards) must be listed by some
-    part (or by an earlier ``manifest.json``) with the planned row range and exist on disk; the
-    merged shard list covers rows ``0..n`` exactly once (a shard listed by several parts, e.g.
-    after restarts with another process count, is taken once). ``verify=True`` hashes every
-    shard against its sha256 (otherwise only existence and size are checked, and a file is
-    hashed only when two parts disagree about it).
-
-    Returns the merged manifest, or None when ``strict=False`` and shards are still missing.
-    Raises ValueError (parts with different configurations, missing or corrupt shards with
-    ``strict``) or FileNotFoundError (no parts).
-    """
-    folder = os.path.abspath(os.fspath(out))
-    part_files = sorted(glob.glob(os.path.join(folder, HOST_MANIFEST_PATTERN.format("*"))))
-    if not part_files:
-        if strict:
-            raise FileNotFoundError(f"{folder}: no per-host manifest parts (manifest.host*.json)")
-        return None
-    parts = [(os.path.basename(p), read_manifest(p)) for p in part_files]
-    main_path = os.path.join(folder, MANIFEST_NAME)
-    shas = {m["config_sha256"] for _, m in parts}
-    if len(shas) > 1:
-        raise ValueError(f"{folder}: the manifest parts hold different configurations "
-                         f"({', '.join(n for n, _ in parts)}); re-run the stale hosts with the "
-                         "same arguments, or remove their parts")
-    base = parts[0][1]
-    sources = list(parts)
-    if os.path.exists(main_path):
-        main = read_manifest(main_path)
-        if main.get("config_sha256") == base["config_sha256"]:
-            sources.append((MANIFEST_NAME, main))
-    n = int(base["n"])
-    rps = int(base["layout"]["rows_per_shard"])
-    if any(int(m["layout"]["rows_per_shard"]) != rps for _, m in sources):
-        raise ValueError(f"{folder}: the manifests disagree on the shard size")
-    n_shards = math.ceil(n / rps)
-
-    by_index: dict = {}
-    for name, m in sources:
-        for e in m.get("shards", []):
-            i = int(e["index"])
-            want = (i * rps, min(n, (i + 1) * rps))
-            if not 0 <= i < n_shards or (e["row_start"], e["row_stop"]) != want:
-                raise ValueError(f"{folder}/{name}: shard {i} has rows "
-                                 f"[{e['row_start']}, {e['row_stop']}), the plan says {want}")
-            by_index.setdefault(i, []).append(e)
-
-    chosen, problems = [], []
-    for i in range(n_shards):
-        es = by_index.get(i, [])
-        if not es:
-            problems.append(f"shard {i} not done")
-            continue
-        path = os.path.join(folder, es[0]["file"])
-        if not os.path.isfile(path):
-            problems.append(f"{es[0]['file']} missing")
-            continue
-        distinct = {e.get("sha256") for e in es}
-        if verify or len(distinct) > 1:
-            h = sha256_file(path)
-            e = next((e for e in es if e.get("sha256") == h), None)
-            if e is None:
-                problems.append(f"{es[0]['file']} does not match its manifest entry")
-                continue
-        else:
-            e = es[0]
-            if e.get("bytes") is not None and os.path.getsize(path) != int(e["bytes"]):
-                problems.append(f"{e['file']} has {os.path.getsize(path)} bytes, manifest "
-                                f"says {e['bytes']}")
-                continue
-        chosen.append(e)
-    if problems:
-        if strict:
-            raise ValueError(f"{folder}: cannot merge the host manifests: "
-                             + "; ".join(problems[:10])
-                             + (f" (and {len(problems) - 10} more)" if len(problems) > 10 else "")
-                             + ". Finish (or restart) the hosts with the same arguments.")
-        return None
-    # exact cover of 0..n, in order
-    stop = 0
-    for e in chosen:
-        if e["row_start"] != stop:
-            raise ValueError(f"{folder}: rows [{stop}, {e['row_start']}) are not covered")
-        stop = e["row_stop"]
-    if stop != n:
-        raise ValueError(f"{folder}: shards cover {stop} of {n} rows")
-
-    tot = _sum_counts(e["counts"] for e in chosen)
-    comp = sum(e["timing"]["compute_s"] for e in chosen)
-    wr = sum(e["timing"]["write_s"] for e in chosen)
-    sessions, seen = [], set()
-    for _, m in sources:
-        for sess in m.get("sessions", []):
-            k = json.dumps(sess, sort_keys=True, default=str)
-            if k not in seen:
-                seen.add(k)
-                sessions.append(sess)
-    sessions.sort(key=lambda s_: s_.get("started", ""))
-    merged = {k: v for k, v in base.items() if k != "host"}
-    merged.update(
-        complete=True,
-        created=min(m.get("created", utc_now()) for _, m in sources),
-        updated=utc_now(),
-        shards=chosen,
-        n_rows_done=tot["n_rows"],
-        n_kept=tot["n_kept"],
-        n_dropped=tot["n_dropped"],
-        dropped=tot["dropped"],
-        flagged=tot["flagged"],
-        timings={"compute_s": comp, "write_s": wr,
-                 "galaxies_per_s_compute": tot["n_rows"] / comp if comp > 0 else None},
-        sessions=sessions,
-        hosts={"parts": [nm for nm, _ in parts],
-               "process_counts": sorted({int(m["host"]["process_count"]) for _, m in parts
-                                         if "host" in m})},
-    )
-    atomic_write_json(os.path.join(folder, MANIFEST_NAME), merged)
-    return jsonable(merged)
+    run = _check_args(key_or_seed, n, out=out, chunk=chunk, block=block,
+                      include_flux=include_flux, range_cut=range_cut, mesh=mesh, hosts=hosts)
+    _configure(run, model, prior, noise)
+    _open_store(run, overwrite)
+    _resume(run, mesh)
+    todo = [p for p in run.mine if run.shards[p["index"]] is None]
+    runner = BlockRunner(run.model, run.prior, run.noise, run.key_data, run.key_impl, run.block,
+                         mesh)
+    pbar = _progress_bar(run) if progress else None
+    if run.folder is not None and run.old is None:
+        write_manifest(run.folder, _manifest(run, complete=not todo), run.own_name)
+    timings = {"setup_s": time.perf_counter() - t_start}
+    stats = _compute(run, runner, todo, pbar, t_start, _stop_after_shards)
+    timings["first_block_s"] = runner.first_block_s
+    return _finish(run, stats, timings, t_start)
 
 
 def simulate_distributed(key_or_seed, n, model=None, prior=None, noise=None, *, out,
