@@ -6,7 +6,10 @@ global JAX configuration):
 - :func:`load_model` -> :class:`SEDModel` (photometry / sed / derived of the PROVABGS model)
 - :func:`load_ssp_grid`, :class:`SSPGrid` (the shipped BC03 grid, DSPS HDF5 FSPS grids)
 - :func:`simulate` (training sets), :func:`mock_catalog` (mock galaxies with known truths)
-- :func:`read_photometry` (catalogs as users have them)
+- :func:`read_photometry` (catalogs as users have them: short band names, NSA NMGY, SDSS
+  MODELFLUX recognised), :func:`catalog_bands` (which bands a catalog provides)
+- :func:`load_posterior` (use without training: a shipped model by name, or the one matching a
+  catalog's bands), :func:`available_posteriors`
 - :func:`train_posterior` -> :class:`AmortizedPosterior` (sample / sample_batched / log_prob)
 - :func:`infer_catalog` (plain, in memory) and :func:`infer_catalog_streaming` (chunked,
   resumable, over devices and hosts): posteriors for whole catalogs
@@ -42,8 +45,11 @@ _LAZY = {
     "mock_catalog": "sedflow_jax.io.mocks",
     "read_photometry": "sedflow_jax.io.catalog",
     "ColumnSpec": "sedflow_jax.io.catalog",
+    "catalog_bands": "sedflow_jax.io.catalog",
     "AmortizedPosterior": "sedflow_jax.sbi.posterior",
     "train_posterior": "sedflow_jax.sbi.training",
+    "load_posterior": "sedflow_jax.sbi.defaults",
+    "available_posteriors": "sedflow_jax.sbi.defaults",
     "infer_catalog": "sedflow_jax.sbi.inference",
     "infer_catalog_streaming": "sedflow_jax.sbi.streaming",
 }

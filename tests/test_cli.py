@@ -99,3 +99,51 @@ def test_mcmc_command_fits_catalog_rows(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "2/3 galaxies fit with nuts; 1 failed: see" in printed and "summary.ecsv" in printed
     assert list(Table.read(out / "summary.ecsv")["status"]) == ["ok", "ok", "failed"]
+
+
+@pytest.mark.parametrize("flags,floor", [([], True), (["--no-calibration-floor"], False),
+                                         (["--calibration-floor"], True)])
+def test_simulate_calibration_floor_default_on_and_recorded(tmp_path, monkeypatch, capsys,
+                                                            flags, floor):
+    """`simulate` trains on the recommended calibration floor unless --no-calibration-floor
+    (SEDflow's fitted noise as is); the choice is part of the recorded configuration."""
+    import tomllib
+
+    from sedflow_jax.sim import simulate as S
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def fake(seed, n, model, prior, noise=None, **kw):
+        seen.append(noise)
+        raise Stop
+
+    monkeypatch.setattr(S, "simulate", fake)
+    argv = ["simulate", "--n", "10", "--out", str(tmp_path / "s"), "--quiet", *flags]
+    assert cli.main([*argv, "--dump-config"]) == 0
+    assert tomllib.loads(capsys.readouterr().out)["calibration-floor"] is floor
+    with pytest.raises(Stop):
+        cli.main(argv)
+    if floor:
+        assert seen[0].has_floor and tuple(seen[0].bands) == ("sdss_u", "sdss_g", "sdss_r",
+                                                              "sdss_i", "sdss_z")
+    else:
+        assert seen[0] is None  # simulate's default: the fitted model without a floor
+
+
+def test_help_answers_without_loading_jax():
+    """`sedflow-jax --help` and argument errors answer at once: the parser imports no JAX (a
+    command's module loads when it runs)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, importlib; importlib.import_module('sedflow_jax.cli.main'); "
+            "from sedflow_jax.cli.parser import build_parser; build_parser(); "
+            "print('jax' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    r = subprocess.run([sys.executable, "-m", "sedflow_jax.cli", "infer", "--n-samples", "x"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "invalid int value" in r.stderr

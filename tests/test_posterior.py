@@ -111,8 +111,10 @@ def test_cli_simulate_train_infer(tmp_path):
     assert cli.main(["simulate", "--n", "8000", "--seed", "7", "--out", str(d), "--chunk",
                      "4096", "--quiet"]) == 0
     assert cli.main(["simulate", "--n", "8000", "--seed", "8", "--out", str(d), "--quiet"]) == 2
+    # SEDflow's exact setup (a plain flow: a bad band flags its row instead of being masked)
     assert cli.main(["train", "--data", str(d), "--out", str(m), "--blocks", "2", "--hidden",
-                     "32", "--max-epochs", "3", "--quiet"]) == 0
+                     "32", "--max-epochs", "3", "--quiet", "--theta-space", "box",
+                     "--band-dropout", "0"]) == 0
     cat = sj.mock_catalog(5, 12)
     cat["flux_sdss_g"][0] = np.nan  # a bad row: flagged, not fit
     cat["flux_ivar_sdss_r"][1] = -1.0

@@ -17,19 +17,21 @@ from sedflow_jax.demo import run_demo
 from sedflow_jax.eval.validation import validate_posterior
 from sedflow_jax.nn import flow as F
 from sedflow_jax.nn import train as T
-from sedflow_jax.sbi.posterior import AmortizedPosterior
+from sedflow_jax.sbi.defaults import load_posterior
 from sedflow_jax.sbi.training import train_posterior
 from sedflow_jax.sed.params import PARAM_NAMES
 from sedflow_jax.sed.units import AB_FNU_CGS, C_ANGSTROM_S, NMGY_ZERO_POINT
 from sedflow_jax.sim import prior as P
 from sedflow_jax.sim import simulate as S
 from sedflow_jax.sim.layout import n_bands_from_x
+from sedflow_jax.sim.noise import default_noise_model
 from sedflow_jax.sim.readers import ShardDataset
 from sedflow_jax.util import sha256_file
 from sedflow_jax.version import __version__
 
-from .common import (EXAMPLE_THETA, CLIError, CommandFailed, get_model, host_split, load_model,
-                     mesh_from_args, out_dir, refuse_existing, write_table)
+from .args import CLIError, CommandFailed
+from .common import (EXAMPLE_THETA, get_model, host_split, load_model, mesh_from_args, out_dir,
+                     refuse_existing, write_table)
 from .config import CONFIG_NAME, TABLE_CONFIG_KEY, table_record, write_config
 
 
@@ -165,13 +167,16 @@ def cmd_simulate(a):
     pr = P.provabgs_prior(zmin=a.zmin, zmax=a.zmax) if a.prior == "provabgs" else \
         P.default_nmf_prior(zmin=a.zmin, zmax=a.zmax)
     model = get_model(a.grid, a.filters, a.zmax)
+    # --calibration-floor (default): the recommended floor; off: the fitted noise as is
+    noise = default_noise_model(model.filter_names, calibration_floor=True) \
+        if a.calibration_floor else None
     multi = hosts is not None and hosts[1] > 1
     kw = dict(out=out, chunk=a.chunk, block=a.block, overwrite=a.overwrite,
               include_flux=a.include_flux, progress=not a.quiet, mesh=mesh)
     if dist:
-        res, merged = S.simulate_distributed(a.seed, a.n, model, pr, **kw)
+        res, merged = S.simulate_distributed(a.seed, a.n, model, pr, noise, **kw)
     else:
-        res = S.simulate(a.seed, a.n, model, pr, hosts=hosts, **kw)
+        res = S.simulate(a.seed, a.n, model, pr, noise, hosts=hosts, **kw)
         merged = S.read_manifest(out) if (out / S.MANIFEST_NAME).exists() else None
     # recorded after the run: a refused run must not replace the folder's record
     write_config(out, a, f"config.host{hosts[0]}.toml" if multi else CONFIG_NAME)
@@ -224,15 +229,37 @@ def cmd_merge_manifests(a):
           f"{dest / S.MANIFEST_NAME}")
 
 
+#: `train --band-dropout` default (a mask-aware flow: rows missing bands are still fit)
+DEFAULT_BAND_DROPOUT = 0.5
+
+
+def band_dropout(a):
+    """The band-dropout probability to train with (None: a plain flow). Unset: 0.5 when the
+    training set has more than --min-bands bands, else off with a note; a.band_dropout is set
+    to the value used, so the recorded configuration holds it."""
+    if a.band_dropout is None:
+        try:
+            nb = n_bands_from_x(len(S.read_manifest(a.data)["x_names"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            nb = None  # unreadable: train_posterior names the problem
+        a.band_dropout = DEFAULT_BAND_DROPOUT if nb is None or nb > a.min_bands else 0.0
+        if not a.band_dropout:
+            print(f"note: band dropout off: the training set has {nb} band(s), not more than "
+                  f"--min-bands {a.min_bands}")
+    return a.band_dropout if a.band_dropout else None
+
+
 def cmd_train(a):
-    """Train SEDflow's flow on a training-set folder (data-parallel over --devices)."""
+    """Train SEDflow's flow on a training-set folder (data-parallel over --devices). Defaults:
+    logit theta space and band dropout 0.5 (``--theta-space box --band-dropout 0``: SEDflow)."""
     out = out_dir(a.out, a.overwrite or a.resume)
     mesh = mesh_from_args(a)
+    dropout = band_dropout(a)
     fc = None
     if a.preset == "paper" or a.blocks or a.hidden:
         src = ShardDataset(a.data)  # the flow's dimensions come from the training set
         dims = (src.d_theta, src.d_context)
-        if a.band_dropout is not None:  # mask-aware context: + one 0/1 mask column per band
+        if dropout is not None:  # mask-aware context: + one 0/1 mask column per band
             dims = (src.d_theta, src.d_context + n_bands_from_x(src.d_context))
         if a.preset == "paper":
             fc = F.FlowConfig.paper(*dims)
@@ -243,7 +270,7 @@ def cmd_train(a):
                        patience=a.patience, max_epochs=a.max_epochs, progress=not a.quiet)
     write_config(out, a)
     post, res = train_posterior(a.data, out, flow_config=fc, train_config=tc, seed=a.seed,
-                                resume=a.resume, mesh=mesh, band_dropout=a.band_dropout,
+                                resume=a.resume, mesh=mesh, band_dropout=dropout,
                                 min_bands=a.min_bands, theta_space=a.theta_space)
     print(f"trained on {res.n_train} rows (val {res.n_val}); best epoch {res.best_epoch}, "
           f"val loss {res.best_val_loss:.4f}; stopped early: {res.stopped_early}; -> {out}")
@@ -253,7 +280,7 @@ def cmd_validate(a):
     """p-p / SBC calibration of a trained model on fresh mock galaxies."""
     out = out_dir(a.out, a.overwrite)
     write_config(out, a)
-    post = AmortizedPosterior.load(a.model)
+    post = load_posterior(a.model)
     res = validate_posterior(post, a.seed, a.n_test, a.n_samples, out=out)
     print((out / "validation.md").read_text())
     print(f"wrote {out}/sbc.png, coverage.png, validation.json")

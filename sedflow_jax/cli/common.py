@@ -1,7 +1,6 @@
 """What several commands share: user errors, output checks, meshes and hosts, the model."""
 from __future__ import annotations
 
-import argparse
 import functools
 import warnings
 from pathlib import Path
@@ -10,14 +9,7 @@ from sedflow_jax import parallel as par
 from sedflow_jax.io.tables import HDF5_EXTENSIONS
 from sedflow_jax.sed import model as sed_model
 
-
-class CLIError(Exception):
-    """A user error: printed as one line, exit code 2."""
-
-
-class CommandFailed(Exception):
-    """The command ran but its work failed (e.g. every galaxy of an MCMC run): printed as one
-    line, exit code 1."""
+from .args import CLIError
 
 
 EXAMPLE_THETA = [10.5, 0.25, 0.25, 0.25, 0.25, 0.1, 2.0, 1e-3, 1e-3, 0.5, 0.5, -0.3]
@@ -42,19 +34,6 @@ def refuse_existing(path, overwrite, what="output", hint="use --overwrite"):
         raise CLIError(f"{what} {path} exists ({hint})")
 
 
-def devices_type(s):
-    s = str(s).strip().lower()
-    if s in ("all", "local"):
-        return "all"
-    try:
-        n = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a device count or 'all', got {s!r}")
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"device count must be >= 1, got {n}")
-    return n
-
-
 def mesh_from_args(a):
     """--devices -> a 1-d mesh over local devices (None for one device / not given)."""
     dev = getattr(a, "devices", None)
@@ -64,20 +43,6 @@ def mesh_from_args(a):
         return par.make_mesh(None if dev == "all" else dev)
     except ValueError as exc:
         raise CLIError(f"--devices {dev}: {exc}") from exc
-
-
-def host_args(ap, what):
-    g = ap.add_argument_group("several hosts (see docs/scaling.md)")
-    g.add_argument("--num-processes", type=int, default=None,
-                   help=f"number of hosts sharing the {what}")
-    g.add_argument("--process-id", type=int, default=None,
-                   help="this host's index in 0..num-processes-1: it computes the items "
-                        "i %% num-processes == process-id (no communication between hosts)")
-    g.add_argument("--coordinator", default=None,
-                   help="HOST:PORT of process 0: join a jax.distributed job (barrier, then "
-                        "process 0 merges the outputs)")
-    g.add_argument("--distributed", action=argparse.BooleanOptionalAction, default=False,
-                   help="join a jax.distributed job whose settings JAX detects (SLURM, Open MPI)")
 
 
 def host_split(a):
@@ -103,14 +68,6 @@ def out_dir(path, overwrite):
         raise CLIError(f"output folder {p} exists and is not empty (use --overwrite)")
     p.mkdir(parents=True, exist_ok=True)
     return p
-
-
-def model_args(ap):
-    ap.add_argument("--grid", default=None,
-                    help="SSP grid: .npz (ours) or .h5 (DSPS); default: shipped BC03")
-    ap.add_argument("--filters", nargs="+", default=None,
-                    help="filter names (default sdss_u..sdss_z); shipped, speclite names")
-    ap.add_argument("--z-max", type=float, default=1.0, help="largest redshift the model accepts")
 
 
 @functools.lru_cache(maxsize=4)

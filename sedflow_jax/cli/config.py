@@ -11,13 +11,12 @@ import tomllib
 from pathlib import Path
 
 import numpy as np
-from astropy.table import Table
 
 from sedflow_jax.io.tables import HDF5_EXTENSIONS
 from sedflow_jax.util import atomic_write_bytes
 from sedflow_jax.version import __version__
 
-from .common import CLIError
+from .args import CLIError
 
 
 #: name of the recorded configuration in output folders
@@ -113,6 +112,8 @@ def read_recorded_config(path: Path, command: str) -> dict:
                     return json.loads(f.attrs[H5_CONFIG_ATTR])
         except OSError as exc:
             raise CLIError(f"--config {path}: not a readable HDF5 file ({exc})") from exc
+    from astropy.table import Table  # astropy loads only when a table is read
+
     try:
         meta = Table.read(path, **({"path": "summary"} if path.suffix.lower() in HDF5_EXTENSIONS
                                    else {})).meta

@@ -1,6 +1,9 @@
 """`infer` (plain and ``--stream``) and `finalize`: posteriors for catalogs.
 
-Wiring only: the flags become one :class:`~sedflow_jax.io.catalog.ColumnSpec`; the plain run
+Wiring only: the flags become one :class:`~sedflow_jax.io.catalog.ColumnSpec`, resolved against
+the catalog (short band names, NSA NMGY, SDSS MODELFLUX recognised; the columns used printed);
+without ``--model`` the shipped posterior matching the catalog's bands is used
+(:func:`~sedflow_jax.sbi.defaults.default_posterior`, printed); the plain run
 calls :func:`~sedflow_jax.sbi.inference.infer_catalog`, ``--stream`` calls
 :func:`~sedflow_jax.sbi.streaming.infer_catalog_streaming` (both fit rows with the same
 :func:`~sedflow_jax.sbi.inference.infer_rows`); the outputs are written all-or-nothing.
@@ -16,13 +19,14 @@ import numpy as np
 from sedflow_jax.io import catalog as C
 from sedflow_jax.io.tables import HDF5_EXTENSIONS, CatalogReader
 from sedflow_jax.sbi import streaming as ST
+from sedflow_jax.sbi.defaults import PosteriorNotFound, default_posterior, load_posterior
 from sedflow_jax.sbi.inference import infer_catalog
-from sedflow_jax.sbi.posterior import AmortizedPosterior
 from sedflow_jax.sed.params import PARAM_NAMES
 from sedflow_jax.util import atomic_output, atomic_write_json
 from sedflow_jax.version import __version__
 
-from .common import CLIError, get_model, host_split, mesh_from_args, refuse_existing, write_table
+from .args import CLIError
+from .common import get_model, host_split, mesh_from_args, refuse_existing, write_table
 from .config import H5_CONFIG_ATTR, TABLE_CONFIG_KEY, record, table_record
 
 FLAG_SLUGS = {1: "nonfinite", 2: "flux_le0", 4: "ivar_le0", 8: "z_range", 16: "sentinel",
@@ -41,7 +45,8 @@ def check_infer_args(a) -> None:
             raise CLIError(f"{flag} must be >= {least}, got {value}")
 
 
-#: columns copied to the output when --keep-columns is not given (those the catalog has)
+#: columns copied to the output when --keep-columns is not given (those the catalog has; an
+#: NSA / SDSS catalog's Z when it has no z)
 DEFAULT_KEEP_COLUMNS = ("id", "ID", "RA", "DEC", "z")
 
 
@@ -49,7 +54,8 @@ def keep_columns(a, colnames) -> list:
     """The --keep-columns to copy: the default list keeps those the catalog has; names given
     explicitly must all exist (an unknown name is refused, not silently dropped)."""
     if a.keep_columns is None:
-        return [c for c in DEFAULT_KEEP_COLUMNS if c in colnames]
+        keep = [c for c in DEFAULT_KEEP_COLUMNS if c in colnames]
+        return keep + ["Z"] if "z" not in colnames and "Z" in colnames else keep
     given = list(a.keep_columns)
     missing = [c for c in given if c not in colnames]
     if missing:
@@ -62,8 +68,42 @@ def column_spec(a, colnames) -> C.ColumnSpec:
     """The catalog layout the flags describe (the one spec of both inference paths)."""
     return C.ColumnSpec(flux_fmt=a.flux_fmt, ivar_fmt=a.ivar_fmt, z_col=a.z_column,
                         vector_flux=a.vector_flux, vector_ivar=a.vector_ivar,
+                        vector_bands=getattr(a, "vector_bands", None),
                         extinction=a.extinction, snr_floor=a.snr_floor,
                         keep=keep_columns(a, colnames))
+
+
+def explicit_model(a):
+    """The --model posterior (a folder or a shipped name), or None when not given."""
+    if a.model is None:
+        return None
+    try:
+        return load_posterior(a.model)
+    except PosteriorNotFound as exc:
+        raise CLIError(f"--model {exc}") from None
+
+
+def default_model(a, table, spec):
+    """The shipped posterior matching the catalog's bands (one line says which); a.model is
+    set to its name, so the recorded configuration reruns with it."""
+    bands = C.catalog_bands(table, spec)
+    try:
+        name = default_posterior(bands)
+        post = load_posterior(name)
+    except PosteriorNotFound as exc:
+        raise CLIError(str(exc)) from None
+    print(f"model: {name} (shipped default for the catalog's bands {','.join(bands)})")
+    a.model = name
+    return post
+
+
+def resolved_spec(spec, table, post) -> C.ColumnSpec:
+    """``spec`` resolved against the catalog for the model's bands; one line says which
+    columns were used when they are not the declared layout."""
+    out = spec.resolve(table, post.bands)
+    if out != spec:
+        print(f"catalog: {out.describe(post.bands)}")
+    return out
 
 
 def derived_model(a, post):
@@ -117,9 +157,12 @@ def cmd_infer(a):
     for flag, path in (("--out", a.out), ("--samples", a.samples)):
         if path is not None and not Path(path).resolve().parent.is_dir():
             raise CLIError(f"{flag} {path}: folder {Path(path).parent} does not exist")
-    post = AmortizedPosterior.load(a.model)
+    post = explicit_model(a)
     catalog = C.read_table(a.catalog)
-    res = infer_catalog(post, catalog, column_spec(a, catalog.colnames), key=a.seed,
+    spec = column_spec(a, catalog.colnames)
+    post = post or default_model(a, catalog, spec)
+    spec = resolved_spec(spec, catalog, post)
+    res = infer_catalog(post, catalog, spec, key=a.seed,
                         n_samples=a.n_samples, n_derived=a.n_derived,
                         model=derived_model(a, post), derived=a.n_derived > 0,
                         noise_policy=a.noise_policy, max_rounds=a.max_rounds)
@@ -130,6 +173,7 @@ def cmd_infer(a):
                        f"{flagged_text(counts)}); nothing written")
     t.meta.clear()
     t.meta.update({"model": str(a.model), "n_samples": a.n_samples, "seed": a.seed,
+                   "SJCOLS": res.photometry.layout,
                    "sedflow_jax_version": __version__, "flag_counts": res.photometry.counts,
                    **counts, TABLE_CONFIG_KEY: table_record(a)})
     with atomic_output(a.out, a.samples) as (tmp_out, tmp_samples):
@@ -214,10 +258,12 @@ def infer_stream(a):
     hosts, dist = host_split(a)
     multi = hosts is not None and hosts[1] > 1
     refuse_stream_existing(a, out, multi)
-    post = AmortizedPosterior.load(a.model)
+    post = explicit_model(a)
     cat = CatalogReader(a.catalog)
     try:
         spec = column_spec(a, list(cat.colnames))
+        post = post or default_model(a, cat, spec)
+        spec = resolved_spec(spec, cat, post)
     finally:
         cat.close()
     kw = dict(n_samples=a.n_samples, key=a.seed, chunk_rows=a.chunk_rows,

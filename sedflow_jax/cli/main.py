@@ -4,12 +4,9 @@ from __future__ import annotations
 import os
 import sys
 
-from sedflow_jax.io.catalog import CatalogError
-from sedflow_jax.sed.model import ModelInputError
-from sedflow_jax.sed.photometry import FilterError
-from sedflow_jax.sed.ssp import SSPGridError
+import importlib
 
-from .common import CLIError, CommandFailed
+from .args import CLIError, CommandFailed
 from .config import apply_config, dump_config, load_config, resolved_config
 from .parser import build_parser
 
@@ -24,17 +21,24 @@ def main(argv=None):
         if a.dump_config:
             sys.stdout.write(dump_config(resolved_config(a, a.command), a.command))
             return 0
-        a.func(a)
+        command_function(a.func)(a)
     except CommandFailed as exc:
         print(f"sedflow-jax {command}: {exc}", file=sys.stderr)
         return 1
-    except (CLIError, ModelInputError, FilterError, SSPGridError, CatalogError, OSError,
-            ValueError, KeyError) as exc:
+    except (CLIError, OSError, ValueError, KeyError) as exc:  # the package's input errors
+        # (CatalogError, ModelInputError, FilterError, SSPGridError) are ValueErrors
         if os.environ.get("SEDFLOW_JAX_DEBUG"):
             raise
         print(f"sedflow-jax {command}: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def command_function(spec: str):
+    """The function a subcommand runs, from its ``"module:function"`` name in
+    :mod:`sedflow_jax.cli` (imported only now: ``--help`` never loads JAX)."""
+    module, name = spec.split(":")
+    return getattr(importlib.import_module(f"{__package__}.{module}"), name)
 
 
 def parse(argv, command):

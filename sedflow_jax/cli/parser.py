@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from .commands import (cmd_demo, cmd_example, cmd_mcmc, cmd_merge_manifests, cmd_photometry,
-                       cmd_simulate, cmd_train, cmd_validate)
-from .common import devices_type, host_args, model_args
-from .infer import cmd_finalize, cmd_infer
+from .args import devices_type, host_args, model_args
 
+#: each subcommand's ``func`` is "module:function" in sedflow_jax.cli, imported when it runs (so
+#: ``--help`` and argument errors answer at once, without loading JAX)
 DESCRIPTION = ("`sedflow-jax` command line: the PROVABGS SED model, SEDflow training sets, "
                "amortized posteriors for catalogs, MCMC, calibration and the demo.")
 
@@ -47,7 +46,7 @@ def add_example(sub):
     p.add_argument("--z", type=float, default=0.1)
     p.add_argument("--out", default="example_out")
     flag(p, "--overwrite")
-    p.set_defaults(func=cmd_example)
+    p.set_defaults(func="commands:cmd_example")
     return p
 
 
@@ -62,7 +61,7 @@ def add_photometry(sub):
     p.add_argument("--z-column", default="z")
     p.add_argument("--output", help="write a table (format from the extension)")
     flag(p, "--overwrite")
-    p.set_defaults(func=cmd_photometry)
+    p.set_defaults(func="commands:cmd_photometry")
     return p
 
 
@@ -78,6 +77,12 @@ def add_simulate(sub):
     p.add_argument("--zmin", type=float, default=0.0)
     p.add_argument("--zmax", type=float, default=0.2)
     flag(p, "--include-flux")
+    p.add_argument("--calibration-floor", action=argparse.BooleanOptionalAction, default=True,
+                   help="per-row photometric-calibration floor in the noise model (default on: "
+                        "default_noise_model(bands, calibration_floor=True), so catalogs whose "
+                        "errors carry a floor, e.g. the NSA, lie inside the training support); "
+                        "--no-calibration-floor: the fitted SDSS MODELFLUX noise as is "
+                        "(SEDflow's setup)")
     p.add_argument("--block", type=int, default=4096,
                    help="rows per random block and compiled call (part of the configuration: "
                         "another block gives other rows); a multiple of --devices; GPUs: 65536")
@@ -88,7 +93,7 @@ def add_simulate(sub):
          help="replace a folder holding another training set (the same one resumes)")
     flag(p, "--quiet")
     host_args(p, "--out folder (shards)")
-    p.set_defaults(func=cmd_simulate)
+    p.set_defaults(func="commands:cmd_simulate")
     return p
 
 
@@ -100,7 +105,7 @@ def add_merge_manifests(sub):
                    help="first copy the shards and manifest parts of these folders (hosts "
                         "without a shared file system) into DIR")
     flag(p, "--verify", help="check every shard's sha256 (always done with --from)")
-    p.set_defaults(func=cmd_merge_manifests)
+    p.set_defaults(func="commands:cmd_merge_manifests")
     return p
 
 
@@ -122,24 +127,30 @@ def add_train(sub):
                    help="data-parallel training over N local devices (or 'all'); "
                         "--batch-size is the global batch")
     p.add_argument("--band-dropout", type=float, default=None, metavar="P",
-                   help="train a mask-aware posterior (band masks at inference): with "
-                        "probability P a row loses random bands, fresh every epoch")
+                   help="train a mask-aware posterior (band masks at inference: rows missing a "
+                        "band are still fit): with probability P a row loses random bands, "
+                        "fresh every epoch. Default 0.5 (off, with a note, for a training set "
+                        "of at most --min-bands bands); 0 = a plain flow (SEDflow's setup)")
     p.add_argument("--min-bands", type=int, default=2,
                    help="bands a row keeps at least under --band-dropout")
-    p.add_argument("--theta-space", choices=["box", "logit"], default="box",
-                   help="box: the flow models the sampling-space point, draws outside the prior "
-                        "are rejected (SEDflow); logit: the flow models logit coordinates, every "
-                        "draw is inside the prior (acceptance 1)")
+    p.add_argument("--theta-space", choices=["box", "logit"], default="logit",
+                   help="logit (default): the flow models logit coordinates of the prior box, "
+                        "every draw is inside the prior (acceptance 1, best measured); box: "
+                        "the flow models the sampling-space point, draws outside the prior are "
+                        "rejected (SEDflow's exact setup, with --band-dropout 0)")
     flag(p, "--overwrite")
     flag(p, "--quiet")
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func="commands:cmd_train")
     return p
 
 
 def add_infer(sub):
     """The `infer` subcommand."""
     p = sub.add_parser("infer", help="posteriors for a catalog (astropy Table in and out)")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", default=None,
+                   help="a trained model folder or a shipped model's name (sdss_ugriz, "
+                        "galex_sdss); default: the shipped model matching the catalog's bands "
+                        "(all its bands in the catalog, the most bands wins; printed)")
     p.add_argument("--catalog", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--samples", default=None, help="also write all samples to this HDF5 file")
@@ -148,29 +159,38 @@ def add_infer(sub):
     seed_arg(p)
     p.add_argument("--keep-columns", nargs="*", default=None,
                    help="catalog columns copied to the output (default: id ID RA DEC z, those the "
-                        "catalog has); a name the catalog lacks is refused")
+                        "catalog has, or Z without z); a name the catalog lacks is refused")
     catalog_read_args(p)
     p.add_argument("--max-rounds", type=int, default=20,
                    help="rejection rounds for draws outside the prior box")
     stream_args(p)
     host_args(p, "catalog chunks (with --stream)")
     flag(p, "--overwrite")
-    p.set_defaults(func=cmd_infer)
+    p.set_defaults(func="infer:cmd_infer")
     return p
 
 
 def catalog_read_args(p):
     """How `infer` reads a catalog's photometry (columns, extinction, noise policy)."""
     p.add_argument("--flux-fmt", default="flux_{band}",
-                   help="flux column of each band [nanomaggies] ({band} = model band name)")
+                   help="flux column of each band [nanomaggies] ({band} = model band name, "
+                        "or its short name in any case: flux_u, flux_FUV). Without column "
+                        "flags NSA NMGY/NMGY_IVAR (FUV,NUV,u,g,r,i,z) and SDSS "
+                        "MODELFLUX/MODELFLUX_IVAR (+ EXTINCTION) are recognised by name; the "
+                        "columns used are printed; an ambiguous catalog is refused")
     p.add_argument("--ivar-fmt", default="flux_ivar_{band}",
                    help="inverse-variance column of each band [nanomaggies^-2]")
-    p.add_argument("--z-column", default="z", help="redshift column")
-    p.add_argument("--vector-flux", default=None, help="SDSS-style (n, n_bands) flux column "
-                   "(e.g. MODELFLUX) instead of --flux-fmt")
+    p.add_argument("--z-column", default="z", help="redshift column (Z is found too)")
+    p.add_argument("--vector-flux", default=None, help="SDSS-style (n, n_elements) flux column "
+                   "(e.g. MODELFLUX, NMGY) instead of --flux-fmt")
     p.add_argument("--vector-ivar", default=None, help="its inverse variance (MODELFLUX_IVAR)")
+    p.add_argument("--vector-bands", default=None, metavar="B1,B2,...",
+                   help="the band of each element of --vector-flux, e.g. FUV,NUV,u,g,r,i,z: "
+                        "the model takes its bands' elements (default: NSA / SDSS order for "
+                        "NMGY / MODELFLUX of 7 / 5 elements, else the model's bands)")
     p.add_argument("--extinction", default=None, help="Galactic extinction [mag] column "
-                   "(vector, or a format like A_{band}); fluxes are dereddened")
+                   "(vector, or a format like A_{band}); fluxes are dereddened ('none': not "
+                   "even an auto-detected MODELFLUX's EXTINCTION)")
     p.add_argument("--snr-floor", type=float, default=None, help="bands with flux*sqrt(ivar) "
                    "below this are masked (mask-aware model) or flag the row")
     p.add_argument("--noise-policy", default="auto", choices=["auto", "mask", "flag", "ood"],
@@ -204,20 +224,21 @@ def add_finalize(sub):
                         ".ecsv, .csv, .h5, ...)")
     flag(p, "--keep-parts")
     flag(p, "--overwrite")
-    p.set_defaults(func=cmd_finalize)
+    p.set_defaults(func="infer:cmd_finalize")
     return p
 
 
 def add_validate(sub):
     """The `validate` subcommand."""
     p = sub.add_parser("validate", help="SBC / p-p calibration of a trained model on mocks")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help="a trained model folder or a shipped "
+                                                  "model's name (sdss_ugriz, galex_sdss)")
     p.add_argument("--n-test", type=int, default=1000)
     p.add_argument("--n-samples", type=int, default=1000)
     seed_arg(p)
     p.add_argument("--out", default="validation")
     flag(p, "--overwrite")
-    p.set_defaults(func=cmd_validate)
+    p.set_defaults(func="commands:cmd_validate")
     return p
 
 
@@ -248,7 +269,7 @@ def add_mcmc(sub):
     seed_arg(p)
     flag(p, "--resume")
     flag(p, "--overwrite")
-    p.set_defaults(func=cmd_mcmc)
+    p.set_defaults(func="commands:cmd_mcmc")
     return p
 
 
@@ -260,7 +281,7 @@ def add_demo(sub):
     seed_arg(p)
     flag(p, "--overwrite")
     flag(p, "--quiet")
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func="commands:cmd_demo")
     return p
 
 

@@ -4,7 +4,24 @@ Default column layout (what :func:`sedflow_jax.mock_catalog` writes and ``infer`
 ``flux_<band>`` [nanomaggies], ``flux_ivar_<band>`` [nanomaggies^-2] for each model band
 (e.g. ``flux_sdss_r``), and ``z``. Other layouts map through ``flux_fmt`` / ``ivar_fmt`` /
 ``z_col``; SDSS/NSA-style vector columns (``NMGY`` (n, n_bands) + ``NMGY_IVAR``) through
-``vector_flux`` / ``vector_ivar``.
+``vector_flux`` / ``vector_ivar`` (``vector_bands``: the band of each element).
+
+Catalogs as users have them are recognised (:func:`resolve_layout`, used by
+:func:`read_photometry` and so by both inference paths; the report says which columns it used):
+
+- per-band columns with short names, case-insensitive: ``flux_u`` / ``flux_ivar_u``,
+  ``flux_FUV``, ``flux_ivar_NUV`` (:data:`BAND_ALIASES`: u g r i z -> sdss_*, FUV NUV ->
+  galex_*), besides the internal names (``flux_sdss_u``, which win when present);
+- NSA ``NMGY`` / ``NMGY_IVAR`` (7 elements: FUV, NUV, u, g, r, i, z) with redshift ``Z``: a
+  model takes its bands' elements. NSA's NMGY is already corrected for Galactic extinction, so
+  ``EXTINCTION`` is not applied (give ``extinction='EXTINCTION'`` to apply it anyway);
+- SDSS ``MODELFLUX`` / ``MODELFLUX_IVAR`` (5: u, g, r, i, z): ``EXTINCTION`` (5) is applied
+  when the catalog has it (``extinction='none'`` switches that off).
+
+A catalog where two layouts give the model's bands (e.g. both ``flux_u`` and ``flux_U``, or
+``NMGY`` and ``MODELFLUX``) is refused with a one-line :class:`CatalogError` naming them;
+choose with ``flux_fmt`` / ``vector_flux``. :func:`catalog_bands` tells which bands a
+catalog provides.
 
 Nothing is silently dropped: every row gets a ``flag`` bit mask and the counts are returned.
 """
@@ -12,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import warnings
 from typing import NamedTuple, Optional, Sequence
 
@@ -49,6 +67,20 @@ BAND_FLAG_NAMES = {BAND_NONFINITE: "non-finite", BAND_SENTINEL: "sentinel",
 #: values read as "no measurement" in flux or ivar columns
 DEFAULT_SENTINELS = (-9999.0, -999.0, -99.0)
 
+#: short band names of catalogs (matched case-insensitively) -> the model's band names
+BAND_ALIASES = {"fuv": "galex_fuv", "nuv": "galex_nuv", "u": "sdss_u", "g": "sdss_g",
+                "r": "sdss_r", "i": "sdss_i", "z": "sdss_z"}
+#: NSA's band order (NMGY, NMGY_IVAR, EXTINCTION: F N u g r i z)
+NSA_BANDS = ("galex_fuv", "galex_nuv", "sdss_u", "sdss_g", "sdss_r", "sdss_i", "sdss_z")
+#: SDSS's band order (MODELFLUX, MODELFLUX_IVAR, EXTINCTION)
+SDSS_BANDS = ("sdss_u", "sdss_g", "sdss_r", "sdss_i", "sdss_z")
+#: the bands :func:`catalog_bands` looks for by default
+KNOWN_BANDS = NSA_BANDS
+#: vector columns recognised by name: (flux, ivar, band of each element, apply EXTINCTION?)
+KNOWN_VECTORS = (("NMGY", "NMGY_IVAR", NSA_BANDS, False),
+                 ("MODELFLUX", "MODELFLUX_IVAR", SDSS_BANDS, True))
+DEFAULT_FLUX_FMT, DEFAULT_IVAR_FMT = "flux_{band}", "flux_ivar_{band}"
+
 
 class CatalogError(ValueError):
     """A catalog the reader cannot use (unreadable file, missing columns, wrong shapes, units)."""
@@ -62,6 +94,30 @@ def catalog_error(path, exc) -> CatalogError:
                         f"({type(exc).__name__}: {msg or 'no detail'})")
 
 
+def canonical_band(name) -> str:
+    """A band's model name from a catalog's spelling: ``u`` / ``U`` -> ``sdss_u``, ``FUV`` ->
+    ``galex_fuv`` (:data:`BAND_ALIASES`), any other name lower-cased (``SDSS_R`` -> sdss_r)."""
+    low = str(name).strip().lower()
+    return BAND_ALIASES.get(low, low)
+
+
+def band_spellings(band) -> list:
+    """The names a catalog may use for ``band`` (lower case): its own and its short aliases."""
+    band = canonical_band(band)
+    return [band] + [k for k, v in BAND_ALIASES.items() if v == band]
+
+
+def parse_bands(value) -> Optional[tuple]:
+    """``'FUV,NUV,u'`` or a sequence -> model band names (None stays None)."""
+    if value is None:
+        return None
+    items = value.split(",") if isinstance(value, str) else list(value)
+    out = tuple(canonical_band(b) for b in items if str(b).strip())
+    if not out:
+        raise CatalogError(f"vector_bands {value!r} names no band")
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class ColumnSpec:
     """Where a catalog keeps what the reader needs: the one column specification of
@@ -69,15 +125,22 @@ class ColumnSpec:
     :func:`sedflow_jax.sbi.streaming.infer_catalog_streaming`.
 
     flux_fmt / ivar_fmt : per-band column names with ``{band}`` (default ``flux_{band}`` /
-        ``flux_ivar_{band}``); vector_flux / vector_ivar : SDSS-style (n, n_bands) columns used
-        instead (both or neither); z_col : the redshift column; extinction : Galactic A_b [mag]
-        (a vector column or a ``{band}`` format), fluxes are dereddened; snr_floor : bands with
-        flux sqrt(ivar) below it are masked or flag the row; sentinels : values read as "no
-        measurement"; keep : catalog columns copied to an inference output (e.g. an id).
+        ``flux_ivar_{band}``; ``{band}`` matches the model's band name or, when no such column
+        exists, its short name, case-insensitively: ``flux_u``, ``flux_FUV``); vector_flux /
+        vector_ivar : SDSS-style (n, n_elements) columns used instead (both or neither);
+        vector_bands : the band of each element (e.g. ``'FUV,NUV,u,g,r,i,z'``; default: NSA /
+        SDSS order for NMGY / MODELFLUX of 7 / 5 elements, else the model's bands in order);
+        z_col : the redshift column (matched case-insensitively when absent: ``Z``);
+        extinction : Galactic A_b [mag] (a vector column or a ``{band}`` format), fluxes are
+        dereddened (``'none'``: never, not even for an auto-detected MODELFLUX); snr_floor : bands
+        with flux sqrt(ivar) below it are masked or flag the row; sentinels : values read as "no
+        measurement"; keep : catalog columns copied to an inference output (e.g. an id);
+        band_columns : ((band, flux column, ivar column), ...) explicit per-band columns (what
+        :meth:`resolve` finds); note : what auto-detection decided (for reports).
     """
 
-    flux_fmt: str = "flux_{band}"
-    ivar_fmt: str = "flux_ivar_{band}"
+    flux_fmt: str = DEFAULT_FLUX_FMT
+    ivar_fmt: str = DEFAULT_IVAR_FMT
     z_col: str = "z"
     vector_flux: Optional[str] = None
     vector_ivar: Optional[str] = None
@@ -85,13 +148,22 @@ class ColumnSpec:
     snr_floor: Optional[float] = None
     sentinels: tuple = DEFAULT_SENTINELS
     keep: tuple = ()
+    vector_bands: Optional[tuple] = None
+    band_columns: Optional[tuple] = None
+    note: str = ""
 
     def __post_init__(self):
         set_ = object.__setattr__
         set_(self, "keep", tuple(str(c) for c in (self.keep or ())))
         set_(self, "sentinels", tuple(float(v) for v in (self.sentinels or ())))
+        set_(self, "vector_bands", parse_bands(self.vector_bands))
+        if self.band_columns is not None:
+            set_(self, "band_columns", tuple((canonical_band(b), str(f), str(i))
+                                             for b, f, i in self.band_columns))
         if (self.vector_flux is None) != (self.vector_ivar is None):
             raise CatalogError("give both vector_flux and vector_ivar (or neither)")
+        if self.vector_bands is not None and self.vector_flux is None:
+            raise CatalogError("vector_bands needs vector_flux and vector_ivar")
         if self.snr_floor is not None:
             if not np.isfinite(self.snr_floor):
                 raise ValueError(f"snr_floor must be a finite number, got {self.snr_floor}")
@@ -103,17 +175,32 @@ class ColumnSpec:
         base = cls() if spec is None else spec
         return dataclasses.replace(base, **kw) if kw else base
 
+    @property
+    def extinction_col(self) -> Optional[str]:
+        """The extinction column or format (None for none or ``'none'``)."""
+        e = self.extinction
+        return None if e is None or str(e).strip().lower() == "none" else e
+
+    def resolve(self, table, bands) -> "ColumnSpec":
+        """This spec with the catalog's actual columns for ``bands`` (:func:`resolve_layout`)."""
+        return resolve_layout(self, table, bands)
+
     def photometry_columns(self, bands) -> list:
-        """The columns :func:`read_photometry` reads for ``bands`` (flux, ivar, z, extinction)."""
+        """The columns :func:`read_photometry` reads for ``bands`` (flux, ivar, z, extinction)
+        (of a spec :meth:`resolve` d for the catalog, when it is not in the default layout)."""
         if self.vector_flux is not None:
             cols = [self.vector_flux, self.vector_ivar]
+        elif self.band_columns is not None:
+            have = {b: (f, i) for b, f, i in self.band_columns}
+            cols = [have[b][0] for b in bands if b in have] + \
+                   [have[b][1] for b in bands if b in have]
         else:
             cols = [self.flux_fmt.format(band=b) for b in bands] + \
                    [self.ivar_fmt.format(band=b) for b in bands]
         cols.append(self.z_col)
-        if self.extinction is not None:
-            cols += ([self.extinction.format(band=b) for b in bands]
-                     if "{band}" in self.extinction else [self.extinction])
+        ext = self.extinction_col
+        if ext is not None:
+            cols += ([ext.format(band=b) for b in bands] if "{band}" in ext else [ext])
         return list(dict.fromkeys(cols))
 
     def columns(self, bands) -> list:
@@ -121,16 +208,219 @@ class ColumnSpec:
         return list(dict.fromkeys(self.photometry_columns(bands) + list(self.keep)))
 
     def check(self, colnames, bands) -> None:
-        """Raise :class:`CatalogError` naming the columns the catalog lacks."""
+        """Raise :class:`CatalogError` naming the columns the catalog lacks (after recognising
+        its layout, :func:`resolve_layout`)."""
+        spec = self.resolve(colnames, bands)
         have = set(colnames)
-        missing = [c for c in self.columns(bands) if c not in have]
+        missing = [c for c in spec.columns(bands) if c not in have]
         if missing:
             raise CatalogError(f"catalog is missing columns {missing} (have "
                                f"{list(colnames)[:20]})")
 
+    def describe(self, bands) -> str:
+        """One line: which columns give ``bands``, the redshift and the extinction."""
+        if self.vector_flux is not None:
+            vb = self.vector_bands
+            idx = "" if vb is None else str([vb.index(b) for b in bands if b in vb])
+            order = "" if vb is None else f" (elements {','.join(_short(b) for b in vb)})"
+            where = f"{self.vector_flux}{idx} / {self.vector_ivar}{idx}{order}"
+        elif self.band_columns is not None:
+            have = {b: (f, i) for b, f, i in self.band_columns}
+            where = ", ".join(f"{have[b][0]}/{have[b][1]}" for b in bands if b in have)
+        else:
+            where = ", ".join(f"{self.flux_fmt.format(band=b)}/{self.ivar_fmt.format(band=b)}"
+                              for b in bands)
+        ext = self.extinction_col
+        text = (f"bands {','.join(bands)} from {where}; redshift {self.z_col}; extinction "
+                f"{'corrected with ' + ext if ext else 'not corrected'}")
+        return text + (f" ({self.note})" if self.note else "")
+
     def to_dict(self) -> dict:
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
-                for f in dataclasses.fields(self)}
+        """JSON form (the newer fields only when set, so older layouts keep their form)."""
+        d = {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+             for f in dataclasses.fields(self)}
+        for k in ("vector_bands", "band_columns", "note"):
+            if not d[k]:
+                d.pop(k)
+        if d.get("band_columns"):
+            d["band_columns"] = [list(c) for c in d["band_columns"]]
+        return d
+
+
+def _short(band) -> str:
+    """The short name of a band (``sdss_u`` -> ``u``, ``galex_fuv`` -> ``FUV``) or itself."""
+    for k, v in BAND_ALIASES.items():
+        if v == band:
+            return k.upper() if len(k) > 1 else k
+    return band
+
+
+def _colnames_widths(table):
+    """(column names, {name: elements of a 2-d column}) of a Table, a CatalogReader or names."""
+    if hasattr(table, "colnames") and hasattr(table, "columns") and not callable(table.columns):
+        widths = {c: (table[c].shape[1] if len(table[c].shape) == 2 else 1)
+                  for c in table.colnames}
+        return list(table.colnames), widths
+    names = list(getattr(table, "colnames", table))
+    return names, dict(getattr(table, "widths", {}) or {})
+
+
+def _find(colnames, names) -> list:
+    """The catalog columns matching any of ``names`` case-insensitively (an exact match, when
+    there is one, alone)."""
+    exact = [n for n in names if n in colnames]
+    if exact:
+        return exact[:1]
+    want = {n.lower() for n in names}
+    return [c for c in colnames if c.lower() in want]
+
+
+def _band_column(fmt, band, colnames, what) -> Optional[str]:
+    """The column of ``band`` for format ``fmt``: the model name exactly, else the format's
+    text exactly with one of the band's spellings in any case (``flux_U``, ``flux_fuv``);
+    None: no such column; two: ambiguous."""
+    exact = fmt.format(band=band)
+    if exact in colnames:
+        return exact
+    pre, _, post = fmt.partition("{band}")
+    alts = "|".join(re.escape(b) for b in band_spellings(band))
+    pat = re.compile(f"{re.escape(pre)}(?i:{alts}){re.escape(post)}")
+    hits = [c for c in colnames if pat.fullmatch(c)]
+    if len(hits) > 1:
+        raise CatalogError(f"ambiguous {what} columns for {band}: {hits} (rename one, or give "
+                           "the columns with flux_fmt / ivar_fmt)")
+    return hits[0] if hits else None
+
+
+def _per_band(spec, colnames, bands) -> dict:
+    """{band: (flux column, ivar column)} of the bands the per-band formats find."""
+    out = {}
+    for b in bands:
+        f = _band_column(spec.flux_fmt, b, colnames, "flux")
+        i = _band_column(spec.ivar_fmt, b, colnames, "inverse-variance")
+        if f is not None and i is not None:
+            out[b] = (f, i)
+    return out
+
+
+def _known_vectors(colnames, widths) -> list:
+    """[(flux col, ivar col, element bands, deredden), ...] of the recognised vector columns
+    the catalog has (with the expected number of elements, when known)."""
+    out = []
+    for fname, iname, order, dered in KNOWN_VECTORS:
+        fc, ic = _find(colnames, [fname]), _find(colnames, [iname])
+        if len(fc) == 1 and len(ic) == 1 and widths.get(fc[0], len(order)) == len(order):
+            out.append((fc[0], ic[0], order, dered))
+    return out
+
+
+def resolve_layout(spec: ColumnSpec, table, bands) -> ColumnSpec:
+    """``spec`` with the catalog's actual columns for ``bands``: what :func:`read_photometry`
+    reads (idempotent; a catalog in the spec's declared layout gets ``spec`` back unchanged).
+
+    table : an astropy Table (its 2-d columns' widths are used), a
+    :class:`~sedflow_jax.io.tables.CatalogReader` or column names. In order: explicit
+    ``band_columns`` or ``vector_flux`` are used as given (a recognised NMGY / MODELFLUX of 7 / 5
+    elements without ``vector_bands`` gets the NSA / SDSS band order); per-band columns with the
+    model's band names win; otherwise every layout giving all ``bands`` is a candidate -- the
+    per-band formats with short band names in any case (``flux_u``, ``flux_FUV``) and, for the
+    default formats, NMGY / MODELFLUX recognised by name -- and exactly one must remain (two:
+    :class:`CatalogError` naming them). A missing z_col is matched case-insensitively (``Z``).
+    Nothing found: ``spec`` back (the reader then names the missing columns).
+    """
+    colnames, widths = _colnames_widths(table)
+    bands = tuple(bands)
+    if spec.z_col not in colnames:
+        z = _find(colnames, [spec.z_col])
+        if len(z) > 1:
+            raise CatalogError(f"ambiguous redshift columns {z}: give z_col (--z-column)")
+        spec = dataclasses.replace(spec, z_col=z[0]) if z else spec
+    if spec.band_columns is not None:
+        return spec
+    if spec.vector_flux is not None:
+        return _resolve_vector(spec, colnames, widths)
+    per = _per_band(spec, colnames, bands)
+    if all(per.get(b) == (spec.flux_fmt.format(band=b), spec.ivar_fmt.format(band=b))
+           for b in bands):
+        return spec  # the declared layout, read as it is
+    cands = []
+    if len(per) == len(bands):
+        cands.append((f"per-band columns {[per[b][0] for b in bands]}", dataclasses.replace(
+            spec, band_columns=tuple((b, *per[b]) for b in bands), note="short band names")))
+    if (spec.flux_fmt, spec.ivar_fmt) == (DEFAULT_FLUX_FMT, DEFAULT_IVAR_FMT):
+        for fc, ic, order, dered in _known_vectors(colnames, widths):
+            if all(b in order for b in bands):
+                cands.append((f"{fc}/{ic}", _auto_vector(spec, colnames, widths, fc, ic, order,
+                                                          dered)))
+    if len(cands) > 1:
+        raise CatalogError(f"ambiguous catalog layout: {' and '.join(c[0] for c in cands)} all "
+                           f"give bands {list(bands)}; choose with --flux-fmt/--ivar-fmt or "
+                           "--vector-flux/--vector-ivar (flux_fmt / vector_flux)")
+    return cands[0][1] if cands else spec
+
+
+def _auto_vector(spec, colnames, widths, fc, ic, order, dered) -> ColumnSpec:
+    """A recognised NMGY / MODELFLUX layout, with EXTINCTION applied to MODELFLUX (unless the
+    spec names another extinction or ``'none'``); NSA's NMGY is already dereddened."""
+    note, ext = f"{fc} recognised by name", spec.extinction
+    ecol = _find(colnames, ["EXTINCTION"])
+    if spec.extinction is None and len(ecol) == 1:
+        if dered and widths.get(ecol[0], len(order)) == len(order):
+            ext, note = ecol[0], note + f"; {ecol[0]} applied"
+        elif not dered:
+            note += f"; {ecol[0]} not applied: {fc} is already extinction-corrected (NSA)"
+    return dataclasses.replace(spec, vector_flux=fc, vector_ivar=ic, vector_bands=order,
+                               extinction=ext, note=note)
+
+
+def _resolve_vector(spec, colnames, widths) -> ColumnSpec:
+    """Explicit vector columns: their names matched case-insensitively when absent; a
+    recognised NMGY / MODELFLUX of 7 / 5 elements without ``vector_bands`` gets the NSA / SDSS
+    order (other widths: the model's bands in order, as before)."""
+    fc = _find(colnames, [spec.vector_flux])
+    ic = _find(colnames, [spec.vector_ivar])
+    if len(fc) == 1 and len(ic) == 1 and (fc[0], ic[0]) != (spec.vector_flux, spec.vector_ivar):
+        spec = dataclasses.replace(spec, vector_flux=fc[0], vector_ivar=ic[0])
+    if spec.vector_bands is None:
+        for fname, iname, order, _ in KNOWN_VECTORS:
+            if spec.vector_flux.upper() == fname and widths.get(spec.vector_flux) == len(order):
+                return dataclasses.replace(spec, vector_bands=order,
+                                           note=f"{fname} elements in order "
+                                                f"{','.join(_short(b) for b in order)}")
+    return spec
+
+
+def catalog_bands(table, spec: Optional[ColumnSpec] = None, bands=KNOWN_BANDS) -> tuple:
+    """Which of ``bands`` (default :data:`KNOWN_BANDS`: GALEX FUV, NUV, SDSS u..z; model
+    names or short ones) the catalog provides, in that order, under ``spec``'s layout (default:
+    recognised as :func:`resolve_layout` does): per-band flux and ivar columns (model or short
+    names, any case), ``vector_bands`` of explicit vector columns, NMGY (7) / MODELFLUX (5) by
+    name. Two layouts providing bands (e.g. short-named columns and NMGY) raise
+    :class:`CatalogError` naming them, as reading would, unless the per-band columns carry the
+    model's band names (the default layout, which wins). A path is read first."""
+    spec = ColumnSpec() if spec is None else spec
+    if isinstance(table, (str, os.PathLike)):
+        table = read_table(table)
+    colnames, widths = _colnames_widths(table)
+    bands = tuple(canonical_band(b) for b in bands)
+    if spec.band_columns is not None:
+        return tuple(b for b in bands if b in {c[0] for c in spec.band_columns})
+    if spec.vector_flux is not None:
+        got = _resolve_vector(spec, colnames, widths).vector_bands or ()  # None: positional
+        return tuple(b for b in bands if b in got)
+    per = _per_band(spec, colnames, bands)
+    exact = [b for b in per if per[b] == (spec.flux_fmt.format(band=b),
+                                          spec.ivar_fmt.format(band=b))]
+    found = [(f"per-band columns {[per[b][0] for b in per]}", set(per))] if per else []
+    if (spec.flux_fmt, spec.ivar_fmt) == (DEFAULT_FLUX_FMT, DEFAULT_IVAR_FMT):
+        found += [(f"{fc}/{ic}", set(order)) for fc, ic, order, _ in
+                  _known_vectors(colnames, widths)]
+    if len(found) > 1 and not (exact and len(exact) == len(per)):
+        raise CatalogError(f"ambiguous catalog layout: {' and '.join(f[0] for f in found)} "
+                           "all give bands; choose with --flux-fmt/--ivar-fmt or "
+                           "--vector-flux/--vector-ivar (flux_fmt / vector_flux)")
+    have = found[0][1] if found else set()
+    return tuple(b for b in bands if b in have)
 
 
 class Photometry(NamedTuple):
@@ -138,7 +428,8 @@ class Photometry(NamedTuple):
     flag : (n,) int row bit mask (0 = usable, ``FLAG_*``); counts : dict flag name -> number of
     rows (plus ``usable``, ``rows_with_masked_bands``, ``masked_<band>``); bands : band names;
     mask : (n, n_bands) bool, True = band used; band_flag : (n, n_bands) int ``BAND_*`` bits;
-    band_counts : {band: {reason: n}}."""
+    band_counts : {band: {reason: n}}; layout : one line saying which columns were read
+    (:meth:`ColumnSpec.describe`)."""
 
     flux: np.ndarray
     sigma: np.ndarray
@@ -149,6 +440,7 @@ class Photometry(NamedTuple):
     mask: np.ndarray = None
     band_flag: np.ndarray = None
     band_counts: dict = None
+    layout: str = None
 
 
 def read_table(table):
@@ -167,8 +459,9 @@ def read_table(table):
         raise catalog_error(path, exc) from None
 
 
-def _band_matrix(t, spec, bands, what):
-    """(n, nb) float array from a vector column name, a '{band}' format or None."""
+def _band_matrix(t, spec, bands, what, vector_bands=None):
+    """(n, nb) float array from a vector column name, a '{band}' format or None; a vector
+    column with one element per ``vector_bands`` gives the elements of ``bands``."""
     if spec is None:
         return None
     if "{band}" in spec:
@@ -180,9 +473,19 @@ def _band_matrix(t, spec, bands, what):
     if spec not in t.colnames:
         raise CatalogError(f"catalog has no {what} column {spec!r}")
     a = np.ma.filled(np.ma.asarray(t[spec], float), np.nan)
+    if vector_bands is not None and a.ndim == 2 and a.shape[1] == len(vector_bands):
+        return a[:, _element_index(vector_bands, bands, spec)]
     if a.ndim != 2 or a.shape[1] != len(bands):
         raise CatalogError(f"{what} column {spec} must have shape (n, {len(bands)}), got {a.shape}")
     return a
+
+
+def _element_index(vector_bands, bands, col) -> list:
+    """Indices of ``bands`` among a vector column's ``vector_bands``."""
+    missing = [b for b in bands if b not in vector_bands]
+    if missing:
+        raise CatalogError(f"{col} holds bands {list(vector_bands)}, not {missing}")
+    return [vector_bands.index(b) for b in bands]
 
 
 _NMGY_NAMES = ("nanomaggy", "nanomaggies", "nmgy", "")
@@ -252,7 +555,9 @@ def read_photometry(table, bands: Sequence[str], spec: Optional[ColumnSpec] = No
 
     Where the columns are: ``spec`` (a :class:`ColumnSpec`), or its fields as keywords
     (``flux_fmt=``, ``ivar_fmt=``, ``z_col=``, ``vector_flux=`` / ``vector_ivar=``,
-    ``extinction=``, ``sentinels=``, ``snr_floor=``), which also override those of ``spec``.
+    ``vector_bands=``, ``extinction=``, ``sentinels=``, ``snr_floor=``), which also override
+    those of ``spec``; layouts as users have them (short band names, NSA NMGY, SDSS MODELFLUX)
+    are recognised (:func:`resolve_layout`) and ``layout`` of the result says what was read.
 
     Every (row, band) gets ``BAND_*`` reason bits (0 = usable): NaN / inf, a ``sentinels`` value
     in flux or ivar, flux = ivar = 0 ("not observed"), ivar <= 0, flux <= 0, S/N =
@@ -270,9 +575,9 @@ def read_photometry(table, bands: Sequence[str], spec: Optional[ColumnSpec] = No
     sigma are multiplied by 10**(0.4 A_b), as in the shipped noise model. Nothing is dropped:
     rows keep their index; ``counts`` and ``band_counts`` report every reason.
     """
-    spec = ColumnSpec.make(spec, **columns)
     t = read_table(table)
     bands = tuple(bands)
+    spec = ColumnSpec.make(spec, **columns).resolve(t, bands)
     flux, ivar = _read_fluxes(t, bands, spec)
     if spec.z_col not in t.colnames:
         raise CatalogError(f"catalog has no redshift column {spec.z_col!r}")
@@ -280,10 +585,10 @@ def read_photometry(table, bands: Sequence[str], spec: Optional[ColumnSpec] = No
     bf = _band_flags(flux, ivar, spec)
     with np.errstate(invalid="ignore", divide="ignore"):
         sigma = np.where(ivar > 0, 1.0 / np.sqrt(np.where(ivar > 0, ivar, 1.0)), np.nan)
-    if spec.extinction is not None:
-        a = _band_matrix(t, spec.extinction, bands, "extinction")
+    if spec.extinction_col is not None:
+        a = _band_matrix(t, spec.extinction_col, bands, "extinction", spec.vector_bands)
         if not np.all(np.isfinite(a)):
-            raise CatalogError(f"extinction {spec.extinction!r} has non-finite values")
+            raise CatalogError(f"extinction {spec.extinction_col!r} has non-finite values")
         corr = 10.0 ** (0.4 * a)
         flux, sigma = flux * corr, sigma * corr
     mask = bf == 0
@@ -294,7 +599,8 @@ def read_photometry(table, bands: Sequence[str], spec: Optional[ColumnSpec] = No
     if empty.any():
         warnings.warn(f"bands {[b for b, e in zip(bands, empty) if e]} have no usable value in "
                       "any row: masked everywhere", stacklevel=2)
-    return Photometry(flux, sigma, z, flag, counts, bands, mask, bf, band_counts)
+    return Photometry(flux, sigma, z, flag, counts, bands, mask, bf, band_counts,
+                      spec.describe(bands))
 
 
 def _read_fluxes(t, bands, spec: ColumnSpec):
@@ -305,12 +611,25 @@ def _read_fluxes(t, bands, spec: ColumnSpec):
                 raise CatalogError(f"catalog has no column {c!r}")
         flux = np.ma.filled(np.ma.asarray(t[spec.vector_flux], float), np.nan)
         ivar = np.ma.filled(np.ma.asarray(t[spec.vector_ivar], float), np.nan)
-        if flux.ndim != 2 or flux.shape[1] != len(bands) or ivar.shape != flux.shape:
+        vb = spec.vector_bands
+        n_el = len(bands) if vb is None else len(vb)
+        if flux.ndim != 2 or flux.shape[1] != n_el or ivar.shape != flux.shape:
             raise CatalogError(f"{spec.vector_flux}/{spec.vector_ivar} must have shape "
-                               f"(n, {len(bands)})")
+                               f"(n, {n_el})" + ("" if vb is None else
+                                                 f" (one element per band of {list(vb)})"))
+        if vb is not None:
+            idx = _element_index(vb, bands, spec.vector_flux)
+            flux, ivar = flux[:, idx], ivar[:, idx]
         return flux, ivar
-    fc = [spec.flux_fmt.format(band=b) for b in bands]
-    ic = [spec.ivar_fmt.format(band=b) for b in bands]
+    if spec.band_columns is not None:
+        have = {b: (f, i) for b, f, i in spec.band_columns}
+        gone = [b for b in bands if b not in have]
+        if gone:
+            raise CatalogError(f"band_columns give no columns for bands {gone}")
+        fc, ic = [have[b][0] for b in bands], [have[b][1] for b in bands]
+    else:
+        fc = [spec.flux_fmt.format(band=b) for b in bands]
+        ic = [spec.ivar_fmt.format(band=b) for b in bands]
     missing = [c for c in fc + ic if c not in t.colnames]
     if missing:
         raise CatalogError(f"catalog is missing columns {missing} (have {t.colnames[:20]})")

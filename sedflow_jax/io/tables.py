@@ -98,6 +98,20 @@ class CatalogReader:
             self.n_rows = len(self.table)
             self.colnames = list(self.table.colnames)
 
+    @property
+    def widths(self) -> dict:
+        """{column: elements per row} (1 for plain columns; vector columns such as NMGY more),
+        for :func:`sedflow_jax.io.catalog.resolve_layout` and ``catalog_bands``."""
+        if self.kind == "table":
+            dt = {c: self.table[c].shape[1:] for c in self.colnames}
+        elif self.kind == "fits":
+            dt = {c: self.data.dtype[c].shape for c in self.colnames}
+        elif self.kind == "h5table":
+            dt = {c: self.ds.dtype[c].shape for c in self.colnames}
+        else:
+            dt = {c: self.cols[c].shape[1:] for c in self.colnames}
+        return {c: int(np.prod(s)) if s else 1 for c, s in dt.items()}
+
     def fingerprint(self) -> dict:
         d = {"n_rows": self.n_rows, "kind": self.kind}
         if self.path is not None:
@@ -105,8 +119,15 @@ class CatalogReader:
         return d
 
     def read(self, start: int, stop: int, columns):
+        """Rows [start, stop) of ``columns`` as an astropy Table; a column the catalog lacks
+        raises a one-line :class:`~sedflow_jax.io.catalog.CatalogError`."""
         from astropy.table import Table
 
+        missing = [c for c in columns if c not in self.colnames]
+        if missing:
+            raise CatalogError(f"{self.path or 'catalog'}: no column(s) {missing} (a ColumnSpec "
+                               "must be resolved for this catalog first: spec.resolve(reader, "
+                               "bands))")
         if self.kind == "table":
             return self.table[list(columns)][start:stop]
         t = Table()

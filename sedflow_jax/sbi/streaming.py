@@ -231,6 +231,7 @@ def infer_catalog_streaming(posterior, catalog, out, spec=None, *, n_samples: in
                max_draws=int(max_rows))
     cat = CatalogReader(catalog, hdu=hdu, hdf5_path=hdf5_path)
     try:
+        spec = spec.resolve(cat, posterior.bands)  # short band names, NMGY / MODELFLUX arrays
         spec.check(cat.colnames, posterior.bands)
         plan = _plan(posterior, cat, spec, key, fit, n_samples=int(n_samples),
                      chunk_rows=int(chunk_rows), store_samples=store_samples,
