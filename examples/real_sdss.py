@@ -2,6 +2,7 @@
 
     python examples/real_sdss.py --n-galaxies 200 --out real_sdss_out          # a quick look
     python examples/real_sdss.py --model my_masked_model --n-galaxies all       # the full run
+    python examples/real_sdss.py --model sdss_ugriz --n-galaxies all            # shipped model
 
 Reads the repo's real catalog (``examples/data/sdss_main_10k.fits``: 10,000 SDSS Main-sample
 galaxies, NYU-VAGC via kcorrect, BSD-3), keeps 0.01 < z < 0.2 (9,264 rows), corrects MODELFLUX for
@@ -15,8 +16,10 @@ outside it are masked), samples the posterior of every usable galaxy, and writes
 * ``mass_sfr.png``: SEDflow's stellar mass against Taylor et al. (2011)'s colour-based
   mass-to-light relation, and SFR against stellar mass (the star-forming sequence).
 
-Without ``--model`` a small mask-aware model is trained first (``--train-rows`` simulations): good
-enough to look at, not a calibrated production model.
+``--model`` is a trained model folder or the name of a shipped default posterior (``sdss_ugriz``,
+see ``sedflow_jax/data/posteriors/``: trained with the SDSS noise model and its calibration
+floors, with a validation card). Without ``--model`` a small mask-aware model is trained first
+(``--train-rows`` simulations): good enough to look at, not a calibrated production model.
 """
 from __future__ import annotations
 
@@ -68,6 +71,23 @@ def train_masked_model(out, *, train_rows=1_000_000, seed=0, max_epochs=130, pat
                                    train_config=tc, seed=seed, band_dropout=band_dropout,
                                    theta_space=theta_space)
     return post, res
+
+
+def load_model_or_default(name_or_path):
+    """A trained model folder, or a shipped default posterior by name (``sdss_ugriz``)."""
+    from sedflow_jax.sbi.posterior import AmortizedPosterior
+
+    p = Path(name_or_path)
+    if (p / "posterior.json").exists():
+        return AmortizedPosterior.load(p)
+    shipped = Path(__file__).resolve().parents[1] / "sedflow_jax" / "data" / "posteriors"
+    if (shipped / str(name_or_path) / "posterior.json").exists():
+        post = AmortizedPosterior.load(shipped / str(name_or_path))
+        if tuple(post.bands) != SDSS:
+            raise SystemExit(f"{name_or_path}: this example reads SDSS ugriz only; "
+                             "see sedflow_jax/data/posteriors/build.py for the GALEX catalog")
+        return post
+    raise SystemExit(f"no trained model at {name_or_path} and no shipped model of that name")
 
 
 def rest_frame_gi(model, theta, z, mag_obs, n_draws: int = 16):
@@ -231,7 +251,9 @@ def calibration_on_mocks(post, n_mock: int = 300, n: int = 199, seed: int = 2024
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None, help="a trained (mask-aware) SEDflow model folder")
+    ap.add_argument("--model", default=None,
+                    help="a trained (mask-aware) SEDflow model folder, or a shipped model's name "
+                         "(sdss_ugriz)")
     ap.add_argument("--catalog", default=str(CATALOG))
     ap.add_argument("--n-galaxies", default="200", help="number of galaxies, or 'all'")
     ap.add_argument("--n-samples", type=int, default=1000)
@@ -251,7 +273,6 @@ def main(argv=None):
     import sedflow_jax as sj
     from sedflow_jax.sbi import masks as M
     from sedflow_jax.sbi import inference as INF
-    from sedflow_jax.sbi.posterior import AmortizedPosterior
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -260,7 +281,7 @@ def main(argv=None):
         post, _ = train_masked_model(out / "work", train_rows=a.train_rows, seed=a.seed,
                                      max_epochs=a.max_epochs, n_blocks=a.blocks, hidden=a.hidden)
     else:
-        post = AmortizedPosterior.load(a.model)
+        post = load_model_or_default(a.model)
     t_model = time.perf_counter() - t0
     n_gal = None if a.n_galaxies == "all" else int(a.n_galaxies)
     cat = load_catalog(n_gal, a.seed, a.catalog)

@@ -20,6 +20,12 @@ marginalised over the dropped bands, for every mask with >= ``min_bands`` bands:
 can only widen the posterior on average. (It assumes missingness carries no information, i.e.
 missing at random; a band missing *because* the galaxy is faint there is treated as unobserved.)
 
+Band *groups* that real catalogs miss together (GALEX FUV + NUV: most SDSS rows have no GALEX
+match) are drawn with ``group_drop={"galex": ((0, 1), 0.6)}`` (:func:`group_band_mask`): with
+probability 0.6 a row loses the whole group, independently per group, and on top of that the
+random dropout above acts on the bands the row still has (never leaving fewer than
+``min_bands``). Without ``group_drop`` the masks are bit-identical to plain dropout.
+
 Training support
 ----------------
 :class:`TrainingSupport` records, per band, which cells of a 2-d grid in (magnitude, log10
@@ -44,6 +50,8 @@ __all__ = [
     "apply_mask",
     "split_context",
     "random_band_mask",
+    "group_band_mask",
+    "normalize_group_drop",
     "BandDropout",
     "TrainingSupport",
     "support_fractions",
@@ -107,6 +115,52 @@ def random_band_mask(rng: np.random.Generator, n: int, n_bands: int, p_drop: flo
     return mask
 
 
+def normalize_group_drop(group_drop, bands) -> dict:
+    """``{name: ((band indices...), p)}`` with checked indices and probabilities.
+
+    group_drop : {name: (bands, p)}; bands are indices into ``bands`` or band names, p in [0, 1]
+    the probability that a row loses the whole group. Groups must not overlap.
+    """
+    bands = tuple(bands)
+    out, seen = {}, set()
+    for name, spec in dict(group_drop).items():
+        members, prob = spec
+        idx = tuple(int(bands.index(b)) if isinstance(b, str) else int(b) for b in members)
+        if not idx or any(not 0 <= i < len(bands) for i in idx) or len(set(idx)) != len(idx):
+            raise ValueError(f"band group {name!r}: bad members {members} for bands {bands}")
+        if seen & set(idx):
+            raise ValueError(f"band group {name!r} overlaps another group")
+        if not 0.0 <= float(prob) <= 1.0:
+            raise ValueError(f"band group {name!r}: probability must be in [0, 1], got {prob}")
+        seen |= set(idx)
+        out[str(name)] = (idx, float(prob))
+    return out
+
+
+def group_band_mask(rng: np.random.Generator, n: int, n_bands: int, p_drop: float,
+                    min_bands: int, groups: dict) -> np.ndarray:
+    """(n, n_bands) bool mask with band groups missing together plus random dropout.
+
+    groups : {name: ((indices...), p)} (see :func:`normalize_group_drop`): each row loses each
+    group with its probability (independently); then, with probability ``p_drop``, it loses
+    k ~ U{1..n_left - min_bands} further random bands among the n_left it still has (none when
+    n_left <= min_bands).
+    """
+    mask = np.ones((n, n_bands), bool)
+    for idx, prob in groups.values():
+        gone = rng.random(n) < prob
+        mask[np.ix_(gone, np.asarray(idx, int))] = False
+    n_left = mask.sum(1)
+    if n_left.min() < int(min_bands):
+        raise ValueError("band groups leave fewer than min_bands bands")
+    max_drop = n_left - int(min_bands)
+    hit = (rng.random(n) < p_drop) & (max_drop >= 1)
+    k = np.where(hit, np.floor(rng.random(n) * max_drop).astype(int) + 1, 0)
+    u = np.where(mask, rng.random((n, n_bands)), 2.0)  # dropped bands rank last
+    rank = np.argsort(np.argsort(u, axis=1), axis=1)  # a uniform order of the kept bands
+    return mask & ~(rank < k[:, None])
+
+
 class BandDropout:
     """A training :class:`sedflow_jax.train.DataSource` wrapper adding random band dropout.
 
@@ -114,9 +168,14 @@ class BandDropout:
     :func:`apply_mask` (x, mask, fill)) with a fresh :func:`random_band_mask` per batch, drawn from
     the shuffling generator in training and from a fixed-seed generator when ``rng`` is None
     (validation and z-scoring passes: the same masks every epoch).
+
+    group_drop : optional {name: (band indices, p)}: groups of bands missing together in a
+    fraction p of rows (:func:`group_band_mask`), e.g. ``{"galex": ((0, 1), 0.6)}``. None (default)
+    draws exactly the masks of :func:`random_band_mask`.
     """
 
-    def __init__(self, source, fill, p_drop: float = 0.5, min_bands: int = 2, seed: int = 0):
+    def __init__(self, source, fill, p_drop: float = 0.5, min_bands: int = 2, seed: int = 0,
+                 group_drop: dict | None = None):
         if not 0.0 < float(p_drop) <= 1.0:
             raise ValueError(f"band dropout probability must be in (0, 1], got {p_drop}")
         self.source = source
@@ -127,6 +186,13 @@ class BandDropout:
         self.p_drop, self.min_bands, self.seed = float(p_drop), int(min_bands), int(seed)
         self.n, self.d_theta = source.n, source.d_theta
         self.d_context = source.d_context + self.n_bands
+        self.group_drop = (normalize_group_drop(group_drop, range(self.n_bands))
+                           if group_drop else None)
+        if self.group_drop:
+            gone = sum(len(idx) for idx, _ in self.group_drop.values())
+            if self.n_bands - gone < self.min_bands:
+                raise ValueError(f"dropping every band group leaves {self.n_bands - gone} bands, "
+                                 f"fewer than min_bands={self.min_bands}")
 
     def __len__(self):
         return self.n
@@ -134,7 +200,11 @@ class BandDropout:
     def iter_batches(self, rng, batch_size, rows):
         r = rng if rng is not None else np.random.default_rng([self.seed, 0xD50])
         for t, x in self.source.iter_batches(rng, batch_size, rows):
-            m = random_band_mask(r, x.shape[0], self.n_bands, self.p_drop, self.min_bands)
+            if self.group_drop:
+                m = group_band_mask(r, x.shape[0], self.n_bands, self.p_drop, self.min_bands,
+                                    self.group_drop)
+            else:
+                m = random_band_mask(r, x.shape[0], self.n_bands, self.p_drop, self.min_bands)
             yield t, apply_mask(x, m, self.fill)
 
 

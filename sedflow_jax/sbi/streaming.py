@@ -168,6 +168,15 @@ class _Plan(NamedTuple):
         return len(self.chunks)
 
 
+def _check_run_args(n_samples, chunk_rows, max_rounds, hosts, mesh) -> tuple:
+    """Sizes >= 1, hosts resolved to (process_index, process_count), the mesh local."""
+    if int(n_samples) < 1 or int(chunk_rows) < 1 or int(max_rounds) < 1:
+        raise ValueError("n_samples, chunk_rows and max_rounds must be >= 1")
+    if mesh is not None:
+        parallel.mesh_size(mesh, local=True)
+    return parallel.resolve_hosts(hosts)
+
+
 def infer_catalog_streaming(posterior, catalog, out, spec=None, *, n_samples: int = 1000,
                             key=0, chunk_rows: int = 16384, max_rounds: int = 20,
                             max_rows: int = 65536, mesh=None, hosts=None, model=None,
@@ -216,13 +225,9 @@ def infer_catalog_streaming(posterior, catalog, out, spec=None, *, n_samples: in
         progress: tqdm bar over rows.
     """
     t_start = time.perf_counter()
-    if int(n_samples) < 1 or int(chunk_rows) < 1 or int(max_rounds) < 1:
-        raise ValueError("n_samples, chunk_rows and max_rounds must be >= 1")
-    pidx, pcount = parallel.resolve_hosts(hosts)
+    pidx, pcount = _check_run_args(n_samples, chunk_rows, max_rounds, hosts, mesh)
     finalize = True if finalize is None else finalize
     keep_parts = pcount > 1 if keep_parts is None else keep_parts
-    if mesh is not None:
-        parallel.mesh_size(mesh, local=True)
     key, out = as_key(key), os.path.abspath(os.fspath(out))
     spec = C.ColumnSpec.make(spec, **columns)
     spec = dataclasses.replace(spec, keep=tuple(dict.fromkeys(spec.keep + tuple(keep_columns))))

@@ -13,7 +13,7 @@ from ..nn import train as T
 from ..nn.data import ArrayData
 from ..sim import prior as P
 from ..sim.readers import ShardDataset
-from .masks import BandDropout, TrainingSupport
+from .masks import BandDropout, TrainingSupport, normalize_group_drop
 from .posterior import THETA_SPACES, AmortizedPosterior, LogitTheta, prior_from_dict
 
 __all__ = ["train_posterior"]
@@ -29,7 +29,8 @@ def train_posterior(data, out=None, *, flow_config: F.FlowConfig | None = None,
                     train_config=None, seed: int = 0, prior: P.Prior | None = None,
                     bands=None, resume: bool = False, band_dropout: float | None = None,
                     min_bands: int = 2, support_grid: int | None = None, mesh=None, devices=None,
-                    theta_space: str = "box") -> tuple[AmortizedPosterior, object]:
+                    theta_space: str = "box", group_drop: dict | None = None,
+                    callback=None) -> tuple[AmortizedPosterior, object]:
     """Train SEDflow's flow on a training set and bundle it as an :class:`AmortizedPosterior`.
 
     data : a training-set folder written by :func:`sedflow_jax.simulation.simulate` (streamed
@@ -41,6 +42,12 @@ def train_posterior(data, out=None, *, flow_config: F.FlowConfig | None = None,
         dropout (:class:`sedflow_jax.masking.BandDropout`: with probability p a row loses 1 to
         n_bands - ``min_bands`` random bands, fresh every epoch). Its context has 3 nb + 1
         columns; use ``sample_batched(..., mask=...)``.
+    group_drop : with ``band_dropout``: band groups missing together in a fraction of rows,
+        ``{name: (bands, p)}`` with bands as indices or names, e.g. ``{"galex": (("galex_fuv",
+        "galex_nuv"), 0.6)}`` (:class:`sedflow_jax.sbi.masks.BandDropout`); recorded in the
+        posterior's ``meta['band_mask']['group_drop']``.
+    callback : optional ``callback(epoch, train_loss, val_loss)`` after each epoch, returning True
+        to stop (e.g. a wall-clock cap; see :func:`sedflow_jax.nn.train.fit`).
     theta_space : 'box' (default, SEDflow: the flow models the 11 sampling-space coordinates and
         draws outside the prior box are rejected) or 'logit' (the flow models
         logit((s - low) / (high - low)): every draw lies inside the box, acceptance is 1, and the
@@ -56,6 +63,8 @@ def train_posterior(data, out=None, *, flow_config: F.FlowConfig | None = None,
     """
     if theta_space not in THETA_SPACES:
         raise ValueError(f"theta_space must be one of {THETA_SPACES}, got {theta_space!r}")
+    if group_drop and band_dropout is None:
+        raise ValueError("group_drop needs band_dropout (a mask-aware posterior)")
     if isinstance(data, (str, os.PathLike)):
         source, prior, bands, lo, hi, support, x_mean = _folder_source(data, support_grid)
     else:
@@ -66,7 +75,8 @@ def train_posterior(data, out=None, *, flow_config: F.FlowConfig | None = None,
         source = LogitTheta(source, *P.sampling_bounds(prior))
     meta_mask = None
     if band_dropout is not None:
-        source, meta_mask = _with_dropout(source, x_mean, bands, band_dropout, min_bands, seed)
+        source, meta_mask = _with_dropout(source, x_mean, bands, band_dropout, min_bands, seed,
+                                          group_drop)
     fc = flow_config or F.FlowConfig.small(source.d_theta, source.d_context, seed=seed)
     tc = train_config or T.TrainConfig(seed=seed)
     if out is not None:
@@ -74,7 +84,7 @@ def train_posterior(data, out=None, *, flow_config: F.FlowConfig | None = None,
         tc = dataclasses.replace(tc, checkpoint_dir=str(Path(out) / "training"))
     res = T.fit(seed, tc, fc, source,
                 resume_from=(str(Path(out) / "training") if (resume and out) else None),
-                mesh=_training_mesh(mesh, devices))
+                mesh=_training_mesh(mesh, devices), callback=callback)
     post = AmortizedPosterior(flow=res.flow, prior=prior, bands=tuple(bands),
                               x_lo=np.asarray(lo, float), x_hi=np.asarray(hi, float),
                               meta={"best_epoch": res.best_epoch,
@@ -119,13 +129,20 @@ def _array_source(data, bands, support_grid):
             source.x.mean(0, dtype=np.float64))
 
 
-def _with_dropout(source, x_mean, bands, p_drop, min_bands, seed):
+def _with_dropout(source, x_mean, bands, p_drop, min_bands, seed, group_drop=None):
     """``source`` with random band dropout, and the ``band_mask`` record of the posterior."""
-    nb = len(tuple(bands))
+    bands = tuple(bands)
+    nb = len(bands)
     fill = np.asarray(x_mean[:2 * nb], np.float32)
-    source = BandDropout(source, fill, p_drop=p_drop, min_bands=min_bands, seed=seed)
-    return source, {"fill": fill.tolist(), "p_drop": float(p_drop), "min_bands": int(min_bands),
-                    "layout": "[mags', sigma_mags', z, mask]"}
+    groups = normalize_group_drop(group_drop, bands) if group_drop else None
+    source = BandDropout(source, fill, p_drop=p_drop, min_bands=min_bands, seed=seed,
+                         group_drop=groups)
+    rec = {"fill": fill.tolist(), "p_drop": float(p_drop), "min_bands": int(min_bands),
+           "layout": "[mags', sigma_mags', z, mask]"}
+    if groups:
+        rec["group_drop"] = {k: {"bands": [bands[i] for i in idx], "indices": list(idx),
+                                 "p": p} for k, (idx, p) in groups.items()}
+    return source, rec
 
 
 def _training_mesh(mesh, devices):
