@@ -12,7 +12,8 @@ with
   in log10 gamma: SEDflow's training prior, the default, what the flow must reproduce) or
   ``'flat'`` (flat in gamma, PROVABGS's MCMC; it adds the log-Jacobian ``ln10 (s6 + s7)`` of
   the log10 map);
-* likelihood: Gaussian on the photometry in nanomaggies, ``-1/2 r^T C^-1 r`` with
+* likelihood: :func:`sedflow_jax.sim.likelihood.log_likelihood` (the one written for the flow's
+  importance sampling too): Gaussian on the photometry in nanomaggies, ``-1/2 r^T C^-1 r`` with
   ``r = model(from_sampling(s), z) - flux`` over the usable bands (diagonal ``C = diag(sigma^2)``
   or a full covariance), no normalisation constant (as PROVABGS). Bands with a non-finite flux or
   sigma, ``sigma <= 0``, or ``mask=False`` are left out.
@@ -30,6 +31,7 @@ from typing import Optional
 import jax.numpy as jnp
 import numpy as np
 
+from ..sim import likelihood as L
 from ..sim import prior as P
 from .target import Target, condition
 
@@ -54,8 +56,7 @@ def galaxy_log_density(model, prior: P.Prior, gamma_density: str):
         xc = jnp.clip(x, lo, hi)
         lp = P.log_prob_sampling(prior, x, gamma_density)  # -inf outside the box
         pred = phot(P.from_sampling(xc), data["z"])
-        r = jnp.where(data["ok"], pred - data["flux"], 0.0)
-        return lp - 0.5 * (r @ (data["prec"] @ r))
+        return lp + L.log_likelihood(pred, data)
 
     per_model[key] = log_density
     return log_density
@@ -67,43 +68,16 @@ def galaxy_data(flux, sigma=None, z=None, *, mask=None, cov=None, z_max=None) ->
     flux : (n_b,) nanomaggies; sigma : (n_b,) nanomaggies (ignored when ``cov`` is given);
     z : redshift; mask : (n_b,) bool, False = leave the band out; cov : (n_b, n_b) covariance
     [nanomaggies^2]. Bands with non-finite flux / sigma or sigma <= 0 are masked too.
-    Returns ``{'flux', 'prec' (n_b, n_b) inverse covariance over the used bands (0 elsewhere),
-    'ok' (n_b,) bool, 'z'}``. Raises ValueError when no band is usable or z is invalid.
+    Returns :func:`sedflow_jax.sim.likelihood.likelihood_data` as jnp arrays (``'flux'``,
+    ``'prec'`` (n_b, n_b) inverse covariance over the used bands (0 elsewhere), ``'ok'``) plus
+    ``'z'``. Raises ValueError when no band is usable or z is invalid.
     """
-    flux = np.atleast_1d(np.asarray(flux, np.float64))
-    nb = flux.shape[0]
-    ok = np.isfinite(flux)
-    if mask is not None:
-        ok &= np.broadcast_to(np.asarray(mask, bool), (nb,))
-    prec = np.zeros((nb, nb))
-    if cov is not None:
-        cov = np.asarray(cov, np.float64)
-        if cov.shape != (nb, nb):
-            raise ValueError(f"cov must have shape ({nb}, {nb}), got {cov.shape}")
-        ok &= np.isfinite(np.diag(cov)) & (np.diag(cov) > 0)
-        ok &= np.all(np.isfinite(cov) | ~ok[None, :], axis=1)
-        if ok.any():
-            sub = cov[np.ix_(ok, ok)]
-            try:
-                L = np.linalg.cholesky(sub)
-            except np.linalg.LinAlgError as exc:
-                raise ValueError("covariance of the used bands is not positive definite") from exc
-            inv_l = np.linalg.inv(L)
-            prec[np.ix_(ok, ok)] = inv_l.T @ inv_l
-    else:
-        if sigma is None:
-            raise ValueError("give sigma or cov")
-        sigma = np.broadcast_to(np.asarray(sigma, np.float64), (nb,))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            ok &= np.isfinite(sigma) & (sigma > 0)
-            prec[np.diag_indices(nb)] = np.where(ok, 1.0 / np.where(ok, sigma, 1.0) ** 2, 0.0)
-    if not ok.any():
-        raise ValueError("no usable band (all fluxes / sigmas non-finite, sigma <= 0, or masked)")
+    d = L.likelihood_data(flux, sigma, mask=mask, cov=cov)
     z = float(np.asarray(z, np.float64))
     if not np.isfinite(z) or z <= 0 or (z_max is not None and z > z_max):
         raise ValueError(f"redshift must be finite and in (0, {z_max}], got {z}")
-    return dict(flux=jnp.asarray(np.where(ok, flux, 0.0), jnp.float32),
-                prec=jnp.asarray(prec, jnp.float32), ok=jnp.asarray(ok), z=jnp.float32(z))
+    return dict(flux=jnp.asarray(d["flux"]), prec=jnp.asarray(d["prec"]),
+                ok=jnp.asarray(d["ok"]), z=jnp.float32(z))
 
 
 def galaxy_target(model, flux, sigma=None, z=None, *, mask=None, cov=None,

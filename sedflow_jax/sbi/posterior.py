@@ -20,6 +20,7 @@ from ..nn import checkpoint
 from ..nn import flow as F
 from ..sim import prior as P
 from ..util import atomic_write_json
+from . import importance
 from .masks import TrainingSupport, apply_mask
 from .sampling import Samples, sample_rows
 
@@ -208,6 +209,11 @@ class AmortizedPosterior:
         xs = np.atleast_2d(np.asarray(xs, np.float32))
         return sample_rows(self, key, xs, np.arange(xs.shape[0]), n, max_rounds=max_rounds,
                            max_rows=max_rows, mask=mask)
+
+    def sample_exact(self, key, model, flux, sigma, z, **kw) -> "importance.ISResult":
+        """Exact-posterior draws by importance sampling with this flow as the proposal: see
+        :func:`sedflow_jax.sbi.importance.sample_exact` (same arguments after ``self``)."""
+        return importance.sample_exact(self, key, model, flux, sigma, z, **kw)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path):
