@@ -31,7 +31,6 @@ unchanged.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import sys
 import warnings
@@ -42,22 +41,13 @@ REPO = HERE.parents[1]
 if str(REPO) not in sys.path:  # allow running from a checkout without installing
     sys.path.insert(0, str(REPO))
 
+from sedflow_jax.sed.units import GALEX_A_OVER_EBV, GALEX_ZP, SFD_AR_OVER_EBV  # noqa: E402
 from sedflow_jax.sim.noise_fit import fit_noise_model, plot_noise_model  # noqa: E402
+from sedflow_jax.util import sha256_file  # noqa: E402
 
 SDSS_BANDS = ("sdss_u", "sdss_g", "sdss_r", "sdss_i", "sdss_z")
 GALEX_BANDS = ("galex_fuv", "galex_nuv")
-GALEX_ZP = (18.82, 20.08)  # counts/s -> AB mag zero points (FUV, NUV)
-GALEX_A_OVER_EBV = (8.24, 8.20)  # Wyder et al. 2007
-SFD_AR_OVER_EBV = 2.751
 ZRANGE = (0.01, 0.2)
-
-
-def _sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def make_tables(catalog, out_dir=HERE, plot_dir=None, verbose=True):
@@ -70,7 +60,7 @@ def make_tables(catalog, out_dir=HERE, plot_dir=None, verbose=True):
         "catalog": "SDSS Main-sample galaxies x 2MASS x GALEX, NYU-VAGC, from the kcorrect==5.1.9 "
                    "wheel (kcorrect/data/test/gst_tests_small.fits), BSD-3-Clause",
         "catalog_file": catalog.name,
-        "catalog_sha256": _sha256(catalog),
+        "catalog_sha256": sha256_file(catalog),
         "generator": "sedflow_jax/data/make_noise_table.py",
     }
     with warnings.catch_warnings():

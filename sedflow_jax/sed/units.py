@@ -19,3 +19,9 @@ LSUN_DSPS_CGS = 3.828e33  # dsps.constants.L_SUN_CGS (IAU 2015 nominal)
 MAG_PER_LN = 2.5 / math.log(10.0)
 #: AB magnitude of one nanomaggy
 NMGY_ZERO_POINT = 22.5
+#: GALEX zero points (FUV, NUV): AB mag of 1 count/s; nanomaggies = counts/s x 10**(0.4 (22.5 - ZP))
+GALEX_ZP = (18.82, 20.08)
+#: Galactic extinction A_band / E(B-V) for GALEX (FUV, NUV), Wyder et al. 2007
+GALEX_A_OVER_EBV = (8.24, 8.20)
+#: A_r / E(B-V) of SDSS r (Schlegel, Finkbeiner & Davis 1998): E(B-V) from an SDSS EXTINCTION_r
+SFD_AR_OVER_EBV = 2.751

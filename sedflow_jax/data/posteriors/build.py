@@ -55,6 +55,7 @@ from sedflow_jax.sbi.posterior import AmortizedPosterior  # noqa: E402
 from sedflow_jax.sbi.training import train_posterior  # noqa: E402
 from sedflow_jax.sed.model import load_model  # noqa: E402
 from sedflow_jax.sed.params import SAMPLING_NAMES  # noqa: E402
+from sedflow_jax.sed.units import GALEX_A_OVER_EBV, GALEX_ZP, SFD_AR_OVER_EBV  # noqa: E402
 from sedflow_jax.sim import prior as P  # noqa: E402
 from sedflow_jax.sim.layout import to_conditioning  # noqa: E402
 from sedflow_jax.sim.noise import default_noise_model  # noqa: E402
@@ -64,9 +65,6 @@ from sedflow_jax.version import __version__  # noqa: E402
 
 SDSS = ("sdss_u", "sdss_g", "sdss_r", "sdss_i", "sdss_z")
 GALEX = ("galex_fuv", "galex_nuv")
-GALEX_ZP = (18.82, 20.08)  # counts/s -> AB (as make_noise_table.py)
-GALEX_A_OVER_EBV = (8.24, 8.20)  # Wyder et al. 2007
-SFD_AR_OVER_EBV = 2.751
 
 #: the shipped models: bands, simulation size and seed, dropout (random + band groups)
 MODELS = {
