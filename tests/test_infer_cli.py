@@ -225,3 +225,102 @@ def test_bad_sizes_and_unknown_keep_columns(setup, tmp_path, capsys, stream, ext
     assert rc == 2
     _one_line_error(capsys, needle)
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# --exact: importance-sampled posteriors through the same path
+# ---------------------------------------------------------------------------------------------
+EXACT = ["--exact", "--is-n-initial", 64, "--is-n-max", 256, "--target-ess", 40]
+
+
+def test_exact_columns_samples_and_stream_equal_plain(setup, tmp_path):
+    """``--exact`` (mask-aware model, S/N floor masking row 3's r band): the is_* columns, the
+    summaries are percentiles of the resampled draws written to --samples, is_flag says
+    exactly when k-hat >= 0.7 or ESS < target, rows not fit are flagged, the values differ
+    from the amortized ones, and --stream gives the same table."""
+    import h5py
+
+    opts = [*EXACT, "--snr-floor", 5]
+    samples = tmp_path / "s.h5"
+    out = tmp_path / "exact.fits"
+    assert _main(["infer", "--model", setup["masked"], "--catalog", setup["cat"], *BASE, *opts,
+                  "--out", out, "--samples", samples]) == 0
+    t = Table.read(out)
+    for c in ("is_ess", "is_efficiency", "is_efficiency_flow", "is_pareto_k", "is_n_draws",
+              "is_flag", "is_reason"):
+        assert c in t.colnames, c
+    fit = np.asarray(t["fit"], bool)
+    assert fit.sum() >= 35 and t["fit"][3] and t["n_bands_used"][3] == 1
+    ess, k = filled(t["is_ess"])[fit], filled(t["is_pareto_k"])[fit]
+    nd = np.asarray(t["is_n_draws"])[fit]
+    assert np.all((nd >= 64) & (nd <= 256)) and np.all(ess > 0) and np.all(ess <= nd)
+    np.testing.assert_allclose(filled(t["is_efficiency"])[fit], ess / nd, rtol=1e-6)
+    assert np.array_equal(np.asarray(t["is_flag"])[fit], ((k >= 0.7) | (ess < 40)).astype(int))
+    assert np.all(np.asarray(t["is_flag"])[~fit] == 1)
+    # the summaries are the resampled draws' percentiles (recomputed here with numpy)
+    with h5py.File(samples, "r") as f:
+        theta, rows = f["theta"][...], f["rows"][...]
+    assert np.array_equal(rows, np.flatnonzero(fit)) and theta.shape[1] == 24
+    med = np.percentile(theta[..., 0], 50, axis=1)
+    np.testing.assert_allclose(filled(t["logmstar_p50"])[fit], med, rtol=1e-5)
+    # the reweighting is seen: not the amortized medians of the same model and options
+    amortized = _plain(setup, "masked", ["--snr-floor", 5], "exact_amortized")
+    assert "is_flag" not in amortized.colnames
+    both = fit & np.asarray(amortized["fit"], bool)
+    assert np.sum(np.abs(filled(t["logmstar_p50"]) - filled(amortized["logmstar_p50"]))[both]
+                  > 1e-4) >= 30
+    stream = _stream(setup, "masked", opts, "exact_stream")
+    for tab in (t, stream):  # FITS and HDF5 hold the reasons as bytes
+        for c in tab.colnames:
+            if tab[c].dtype.kind == "S":
+                tab[c] = np.char.decode(np.asarray(tab[c]), "utf-8")
+    flagged = fit & (np.asarray(t["is_flag"]) == 1)
+    assert all(len(r) > 0 for r in np.asarray(t["is_reason"])[flagged])  # says why
+    _assert_same(t, stream)
+
+
+def test_exact_refuses_impossible_sizes(setup, tmp_path, capsys):
+    out = tmp_path / "o.fits"
+    rc = _main(["infer", "--model", setup["one"], "--catalog", setup["cat"], "--out", out,
+                *BASE, "--exact", "--is-n-initial", 500, "--is-n-max", 100])
+    assert rc == 2
+    _one_line_error(capsys, "--is-n-max")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_refine_replaces_flagged_draws_by_mcmc_and_stream_equals_plain(setup, tmp_path, capsys):
+    """``--exact --refine`` on the first 6 rows: every galaxy the importance weights flag is
+    rerun by MCMC from its importance draws (refined = 1, R-hat and ESS recorded, is_flag = 0
+    exactly when it converged), the others keep their draws; --stream gives the same table;
+    --refine without --exact is refused."""
+    cat = tmp_path / "six.fits"
+    Table.read(setup["cat"])[:6].write(cat)
+    common = ["--model", setup["masked"], "--catalog", cat, *BASE, *EXACT]
+    ref = [*common, "--refine", "--refine-steps", 40]
+    out_is, out_ref = tmp_path / "is.fits", tmp_path / "ref.fits"
+    assert _main(["infer", *common, "--out", out_is]) == 0
+    assert _main(["infer", *ref, "--out", out_ref]) == 0
+    a, b = Table.read(out_is), Table.read(out_ref)
+    was_flagged = np.asarray(a["is_flag"]) == 1
+    assert was_flagged.any()
+    refined = np.asarray(b["refined"]) == 1
+    assert np.array_equal(refined, was_flagged & np.asarray(a["fit"], bool))
+    rhat, ess = filled(b["refine_rhat"]), filled(b["refine_ess"])
+    assert np.isfinite(rhat[refined]).all() and np.isnan(rhat[~refined]).all()
+    conv = (rhat < 1.05) & (ess >= 200)
+    assert np.array_equal(np.asarray(b["is_flag"])[refined], (~conv[refined]).astype(int))
+    lm_a, lm_b = filled(a["logmstar_p50"]), filled(b["logmstar_p50"])
+    np.testing.assert_array_equal(lm_a[~refined], lm_b[~refined])  # NaN where not fit
+    assert np.all(lm_a[refined] != lm_b[refined])
+    h5 = tmp_path / "ref.h5"
+    assert _main(["infer", *ref, "--stream", "--chunk-rows", 4, "--quiet", "--out", h5]) == 0
+    st = ST.read_inference(h5)[0]
+    for tab in (b, st):
+        for c in tab.colnames:
+            if tab[c].dtype.kind == "S":
+                tab[c] = np.char.decode(np.asarray(tab[c]), "utf-8")
+    _assert_same(b, st)
+    capsys.readouterr()
+    assert _main(["infer", "--model", setup["masked"], "--catalog", cat, *BASE, "--refine",
+                  "--out", tmp_path / "x.fits"]) == 2
+    _one_line_error(capsys, "--exact")

@@ -20,6 +20,8 @@ from sedflow_jax.io import catalog as C
 from sedflow_jax.io.tables import HDF5_EXTENSIONS, CatalogReader
 from sedflow_jax.sbi import streaming as ST
 from sedflow_jax.sbi.defaults import PosteriorNotFound, default_posterior, load_posterior
+from sedflow_jax.mcmc.refine import Refiner
+from sedflow_jax.sbi.importance import ExactOptions
 from sedflow_jax.sbi.inference import infer_catalog
 from sedflow_jax.sed.params import PARAM_NAMES
 from sedflow_jax.util import atomic_output, atomic_write_json
@@ -40,9 +42,16 @@ def check_infer_args(a) -> None:
     """Refuse impossible sizes before any work (one line, exit 2)."""
     for flag, value, least in (("--n-samples", a.n_samples, 1), ("--max-rounds", a.max_rounds, 1),
                                ("--n-derived", a.n_derived, 0),
-                               ("--chunk-rows", getattr(a, "chunk_rows", 1), 1)):
+                               ("--chunk-rows", getattr(a, "chunk_rows", 1), 1),
+                               ("--target-ess", getattr(a, "target_ess", 1), 1),
+                               ("--is-n-initial", getattr(a, "is_n_initial", 10), 10),
+                               ("--refine-steps", getattr(a, "refine_steps", 10), 10)):
         if value is not None and value < least:
             raise CLIError(f"{flag} must be >= {least}, got {value}")
+    if getattr(a, "exact", False) and a.is_n_max < a.is_n_initial:
+        raise CLIError(f"--is-n-max ({a.is_n_max}) must be >= --is-n-initial ({a.is_n_initial})")
+    if getattr(a, "refine", False) and not getattr(a, "exact", False):
+        raise CLIError("--refine refines the importance-sampled galaxies: add --exact")
 
 
 #: columns copied to the output when --keep-columns is not given (those the catalog has; an
@@ -110,6 +119,29 @@ def derived_model(a, post):
     return get_model(None, post.bands, max(post.prior.zmax, 1e-3)) if a.n_derived > 0 else None
 
 
+def exact_options(a, post):
+    """The importance-sampling options of ``--exact`` (None without it)."""
+    if not getattr(a, "exact", False):
+        return None
+    model = get_model(None, post.bands, max(post.prior.zmax, 1e-3))
+    refine = None
+    if getattr(a, "refine", False):
+        warm = int(round(0.3 * a.refine_steps))
+        refine = Refiner(model, sampler=a.refine_sampler,
+                         num_chains=4 if a.refine_sampler == "nuts" else 30,
+                         num_warmup=warm, num_samples=a.refine_steps - warm)
+    return ExactOptions(model=model, n_initial=a.is_n_initial, n_max=a.is_n_max,
+                        target_ess=a.target_ess, refine=refine)
+
+
+def print_exact(is_flag, fit) -> None:
+    """One line on the importance-sampled rows: how many are trustworthy."""
+    k = int(np.sum(np.asarray(is_flag)[np.asarray(fit, bool)]))
+    n = int(np.sum(fit))
+    print(f"exact: {n - k} of {n} fitted rows trustworthy (k-hat < 0.7, ESS >= target); "
+          f"{k} flagged is_flag=1 (see is_reason)")
+
+
 def flag_meta(flag) -> dict:
     """FITS-friendly scalar counts of a flag column: n_rows, n_usable, n_flag_<reason>."""
     flag = np.asarray(flag, np.int64)
@@ -165,7 +197,8 @@ def cmd_infer(a):
     res = infer_catalog(post, catalog, spec, key=a.seed,
                         n_samples=a.n_samples, n_derived=a.n_derived,
                         model=derived_model(a, post), derived=a.n_derived > 0,
-                        noise_policy=a.noise_policy, max_rounds=a.max_rounds)
+                        noise_policy=a.noise_policy, max_rounds=a.max_rounds,
+                        exact=exact_options(a, post))
     t, s = res.table, res.samples
     counts = flag_meta(t["flag"])
     if not res.rows.size:
@@ -181,6 +214,8 @@ def cmd_infer(a):
         if tmp_samples is not None:
             write_samples(tmp_samples, s.theta, res.rows)
     print_counts(counts)
+    if getattr(a, "exact", False):
+        print_exact(t["is_flag"], t["fit"])
     print(f"wrote {a.out}; mean acceptance {np.mean(s.acceptance):.3f}; "
           f"low acceptance {int(s.low_acceptance.sum())}; out of support {int(s.ood.sum())}")
 
@@ -269,7 +304,8 @@ def infer_stream(a):
     kw = dict(n_samples=a.n_samples, key=a.seed, chunk_rows=a.chunk_rows,
               max_rounds=a.max_rounds, model=derived_model(a, post), n_derived=a.n_derived,
               store_samples=a.store_samples, noise_policy=a.noise_policy,
-              overwrite=a.overwrite, progress=not a.quiet, mesh=mesh_from_args(a))
+              exact=exact_options(a, post), overwrite=a.overwrite, progress=not a.quiet,
+              mesh=mesh_from_args(a))
     if dist:
         res = ST.infer_distributed(post, a.catalog, out, spec=spec, keep_parts=a.keep_parts,
                                    **kw)
@@ -296,6 +332,9 @@ def report_stream(a, res, out: Path, hosts, multi: bool) -> None:
         with h5py.File(out, "r") as f:
             stats = json.loads(f.attrs["stats"])
         print_counts(counts, stats)
+        if "is_flagged" in stats:
+            print(f"exact: {stats['is_flagged']} of {stats['n_usable']} fitted rows flagged "
+                  "is_flag=1 (k-hat >= 0.7 or ESS < target; see is_reason)")
         print(f"wrote {out}; export a table with `sedflow-jax finalize {out} --out TABLE`")
     else:
         print(f"{parts}: not all chunks are done yet; rerun the missing hosts (or this command "

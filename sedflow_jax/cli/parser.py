@@ -163,6 +163,7 @@ def add_infer(sub):
     catalog_read_args(p)
     p.add_argument("--max-rounds", type=int, default=20,
                    help="rejection rounds for draws outside the prior box")
+    exact_args(p)
     stream_args(p)
     host_args(p, "catalog chunks (with --stream)")
     flag(p, "--overwrite")
@@ -197,6 +198,30 @@ def catalog_read_args(p):
                    help="bands outside the training (mag, sigma) support: mask the band, flag "
                         "the row (not fit), or fit it marked ood (auto: mask for mask-aware "
                         "models, else ood)")
+
+
+def exact_args(p):
+    """`infer --exact`: importance-sampled exact posteriors."""
+    g = p.add_argument_group("exact posteriors (importance sampling with the flow as proposal)")
+    flag(g, "--exact", help="reweight flow draws by prior x exact likelihood / proposal density "
+                            "(PSIS); summaries and --samples from the resampled draws; adds "
+                            "is_ess, is_efficiency, is_efficiency_flow, is_pareto_k, is_n_draws, "
+                            "is_flag (1 = not trustworthy: k-hat >= 0.7 or ESS < target), "
+                            "is_reason")
+    g.add_argument("--target-ess", type=float, default=500.0,
+                   help="effective sample size to reach per galaxy (with --exact)")
+    g.add_argument("--is-n-initial", type=int, default=2000,
+                   help="proposal draws of the first round; doubled until the target (--exact)")
+    g.add_argument("--is-n-max", type=int, default=32000,
+                   help="most proposal draws per galaxy (--exact); short of the target: is_flag")
+    flag(g, "--refine", help="with --exact: rerun each flagged galaxy by short MCMC started "
+                             "from its importance draws (columns refined, refine_rhat, "
+                             "refine_ess; is_flag 0 when it converged)")
+    g.add_argument("--refine-sampler", default="ess", choices=["ess", "aies", "nuts"],
+                   help="the MCMC of --refine (ess / aies: 30 walkers, nuts: 4 chains; "
+                        "converged: R-hat < 1.05 and bulk ESS >= 200 in every coordinate)")
+    g.add_argument("--refine-steps", type=int, default=1000,
+                   help="steps per walker / chain of --refine, the first 30 %% warm-up")
 
 
 def stream_args(p):

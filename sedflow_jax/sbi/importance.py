@@ -45,8 +45,9 @@ from ..sim import prior as P
 from ..sim.layout import to_conditioning
 from ..util import as_key, key_parts
 
-__all__ = ["DEFAULT_MIX", "K_HAT_MAX", "ISResult", "kish_ess", "psis", "summarize_weights",
-           "adaptive_importance", "sample_exact", "proposal_block", "compiled_block_count"]
+__all__ = ["DEFAULT_MIX", "K_HAT_MAX", "ISResult", "ExactOptions", "IS_COLUMNS", "kish_ess",
+           "psis", "summarize_weights", "adaptive_importance", "sample_exact", "proposal_block",
+           "compiled_block_count", "sample_exact_rows", "refine_flagged", "REFINE_COLUMNS"]
 
 #: default defensive mixture fractions (flow, widened flow, prior) and base widening factor
 DEFAULT_MIX = (0.75, 0.2, 0.05)
@@ -484,3 +485,87 @@ def sample_exact(posterior, key, model, flux, sigma, z, *, mask=None, n_initial:
     out["reason"] = np.asarray([str(r) for r in out["reason"]], dtype=str)
     res = ISResult(theta=theta, s=s_all, **out)
     return res.galaxy(0) if single else res
+
+
+# ---------------------------------------------------------------------------------------------
+# catalog inference (`infer --exact`)
+# ---------------------------------------------------------------------------------------------
+class ExactOptions(NamedTuple):
+    """How catalog inference importance-samples (``infer --exact``): ``model`` an SEDModel with
+    the posterior's bands; ``refine`` None or a callable that refines a flagged galaxy by short
+    MCMC from its importance draws (:class:`sedflow_jax.mcmc.refine.Refiner`: ``refine(key,
+    flux, sigma, z, mask, draws, prior, n_out)`` -> (s, rhat, ess, converged), and a
+    ``config()``); the other fields as :func:`sample_exact`."""
+
+    model: object
+    n_initial: int = 2000
+    n_max: int = 32000
+    target_ess: float = 500.0
+    defensive: object = True
+    widen: float = DEFAULT_WIDEN
+    refine: object = None
+
+    def config(self) -> dict:
+        """JSON-ready record of everything the draws depend on (the model by its bands and
+        z range; its tables are the package's)."""
+        return {"n_initial": int(self.n_initial), "n_max": int(self.n_max),
+                "target_ess": float(self.target_ess),
+                "defensive": self.defensive if isinstance(self.defensive, bool)
+                else [float(v) for v in self.defensive], "widen": float(self.widen),
+                "filters": list(self.model.filter_names),
+                "z_max": float(self.model.config.z_max),
+                **({} if self.refine is None else {"refine": self.refine.config()})}
+
+
+#: per-galaxy columns ``infer --exact`` adds, with their values for rows not fit
+IS_COLUMNS = {"is_ess": np.nan, "is_efficiency": np.nan, "is_efficiency_flow": np.nan,
+              "is_pareto_k": np.nan, "is_n_draws": 0, "is_flag": 1, "is_reason": "not fit"}
+#: the columns ``--refine`` adds (refined = 1: the draws are the MCMC's)
+REFINE_COLUMNS = {"refined": 0, "refine_rhat": np.nan, "refine_ess": np.nan}
+
+
+def sample_exact_rows(posterior, key, opts: ExactOptions, flux, sigma, z, mask, rows,
+                      n_out: int):
+    """:func:`sample_exact` of catalog rows as catalog inference uses it: -> (theta (m, n_out,
+    12), s (m, n_out, 11), ood (m,), columns) where ``columns`` holds :data:`IS_COLUMNS` of
+    the m rows (``is_flag`` 1 = not trustworthy: k-hat >= 0.7, ESS < target or not fitted;
+    ``is_reason`` why). Row g's draws depend only on (key, g)."""
+    r = sample_exact(posterior, key, opts.model, flux, sigma, z, mask=mask,
+                     n_initial=opts.n_initial, n_max=opts.n_max, target_ess=opts.target_ess,
+                     n_out=int(n_out), defensive=opts.defensive, widen=opts.widen, rows=rows)
+    cols = {"is_ess": r.ess.astype(np.float64), "is_efficiency": r.efficiency.astype(np.float64),
+            "is_efficiency_flow": r.efficiency_flow.astype(np.float64),
+            "is_pareto_k": r.pareto_k.astype(np.float64),
+            "is_n_draws": r.n_draws.astype(np.int64), "is_flag": r.flag.astype(np.int64),
+            "is_reason": np.asarray(r.reason, dtype="U64")}
+    theta, s = r.theta, r.s
+    if opts.refine is not None:
+        theta, s = refine_flagged(posterior, key, opts.refine, (flux, sigma, z, mask), rows,
+                                  (theta, s), cols)
+    return theta, s, r.ood, cols
+
+
+def refine_flagged(posterior, key, refine, data, rows, draws, cols: dict):
+    """Replace the draws of flagged galaxies that were fitted (finite draws) by ``refine``'s
+    (keyed by catalog row); update ``cols`` in place: ``refined``, ``refine_rhat``,
+    ``refine_ess``, and ``is_flag`` / ``is_reason`` from the MCMC's convergence.
+    -> (theta, s)."""
+    flux, sigma, z, mask = data
+    theta, s = np.array(draws[0]), np.array(draws[1])
+    m = s.shape[0]
+    cols.update(refined=np.zeros(m, np.int64), refine_rhat=np.full(m, np.nan),
+                refine_ess=np.full(m, np.nan))
+    todo = np.flatnonzero((cols["is_flag"] == 1) & np.isfinite(s).all((1, 2)))
+    key = as_key(key)
+    for i in todo:
+        out = refine(jax.random.fold_in(jax.random.fold_in(key, 0x5EF1), int(rows[i])),
+                     flux[i], sigma[i], z[i], None if mask is None else mask[i], s[i],
+                     posterior.prior, s.shape[1])
+        s[i] = out.s
+        theta[i] = np.asarray(P.from_sampling(jnp.asarray(out.s)))
+        cols["refined"][i] = 1
+        cols["refine_rhat"][i], cols["refine_ess"][i] = out.rhat, out.ess
+        cols["is_flag"][i] = 0 if out.converged else 1
+        cols["is_reason"][i] = "" if out.converged else \
+            f"refined: R-hat {out.rhat:.3f}, ESS {out.ess:.0f} not converged"[:64]
+    return theta, s

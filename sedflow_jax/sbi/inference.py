@@ -19,12 +19,13 @@ from ..io import catalog as C
 from ..sed.model import load_model
 from ..sim.layout import to_conditioning
 from ..util import as_key
+from .importance import IS_COLUMNS, REFINE_COLUMNS, sample_exact_rows
 from .masks import support_fractions
-from .sampling import RowSampler, reject_to_box
+from .sampling import RowSampler, Samples, reject_to_box
 from .summary import summary_columns
 
 __all__ = ["CatalogInference", "RowsResult", "NOISE_POLICIES", "scatter_rows", "resolve_z_range",
-           "noise_ood_rows", "prepare_catalog", "infer_rows", "infer_catalog"]
+           "noise_ood_rows", "prepare_catalog", "infer_rows", "exact_draws", "infer_catalog"]
 
 
 class CatalogInference(NamedTuple):
@@ -63,7 +64,7 @@ class RowsResult(NamedTuple):
 NOISE_POLICIES = ("auto", "mask", "flag", "ood")
 
 #: values of the rows not fit, where NaN / 0 / False is not the right "nothing"
-_NOT_FIT = {"acceptance": 0.0}
+_NOT_FIT = {"acceptance": 0.0, **IS_COLUMNS, **REFINE_COLUMNS}
 
 
 def scatter_rows(table, rows, n: int):
@@ -79,7 +80,10 @@ def _scatter(cols: dict, rows, n: int) -> dict:
     for name, v in cols.items():
         v = np.asarray(v)
         fill = _NOT_FIT.get(name, np.nan if v.dtype.kind == "f" else 0)
-        arr = np.full((n,) + v.shape[1:], fill, dtype=v.dtype if v.dtype.kind != "b" else bool)
+        dtype = bool if v.dtype.kind == "b" else v.dtype
+        if v.dtype.kind == "U":
+            dtype = np.dtype(f"U{max(v.dtype.itemsize // 4, len(str(fill)))}")
+        arr = np.full((n,) + v.shape[1:], fill, dtype=dtype)
         arr[rows] = v
         out[name] = arr
     return out
@@ -183,7 +187,7 @@ def _fit_counts(posterior, mask, flag, use) -> dict:
 def infer_rows(posterior, table, rows, *, sampler: RowSampler, key, spec=None,
                max_rounds: int = 20, model=None, n_derived: int = 500,
                noise_policy: str = "auto", min_bands=None, z_range="prior",
-               max_draws: int = 65536) -> RowsResult:
+               max_draws: int = 65536, exact=None) -> RowsResult:
     """Fit one block of catalog rows: the one inference step of every catalog path.
 
     table : astropy Table of the block (the columns ``spec`` names); rows : (m,) their global
@@ -200,11 +204,16 @@ def infer_rows(posterior, table, rows, *, sampler: RowSampler, key, spec=None,
     ph, x, use, report = prepare_catalog(posterior, table, spec, noise_policy=noise_policy,
                                          min_bands=min_bands, z_range=z_range)
     t1 = time.perf_counter()
-    smp = reject_to_box(posterior, sampler, key, x[use], rows[use], sampler.n, int(max_rounds),
-                        mask=ph.mask[use] if posterior.mask_aware else None)
+    if exact is None:
+        smp = reject_to_box(posterior, sampler, key, x[use], rows[use], sampler.n,
+                            int(max_rounds), mask=ph.mask[use] if posterior.mask_aware else None)
+        is_cols = {}
+    else:
+        smp, is_cols = exact_draws(posterior, key, exact, ph, use, rows, sampler.n)
     t2 = time.perf_counter()
     summ = summary_columns(smp, model=model, z=ph.z[use], n_derived=n_derived,
                            max_draws=max_draws)
+    summ.update(is_cols)
     cols = {name: np.asarray(table[name]) for name in spec.keep}
     cols["row"] = rows
     cols.update(_scatter(summ, use, len(rows)))
@@ -220,10 +229,29 @@ def infer_rows(posterior, table, rows, *, sampler: RowSampler, key, spec=None,
     return RowsResult(cols, smp, use, ph, report)
 
 
+def exact_draws(posterior, key, exact, ph, use, rows, n: int):
+    """Importance-sampled draws of the used rows -> (:class:`Samples`, ``is_*`` columns).
+    Resampled draws lie inside the prior box: acceptance 1 where the galaxy was fitted."""
+    idx = np.flatnonzero(use)
+    if idx.size == 0:
+        empty = {k: np.zeros(0, "U64" if isinstance(v, str) else np.asarray(v).dtype)
+                 for k, v in {**IS_COLUMNS,
+                              **(REFINE_COLUMNS if exact.refine is not None else {})}.items()}
+        return Samples(np.zeros((0, n, 12), np.float32), np.zeros((0, n, 11), np.float32),
+                       np.zeros(0), np.zeros(0, np.int64), np.zeros(0, bool),
+                       np.zeros(0, bool)), empty
+    theta, s, ood, cols = sample_exact_rows(
+        posterior, key, exact, ph.flux[idx], ph.sigma[idx], ph.z[idx], ph.mask[idx], rows[idx],
+        n)
+    n_ok = np.isfinite(s).all(-1).sum(1).astype(np.int64)
+    smp = Samples(theta, s, (n_ok > 0).astype(np.float64), n_ok, np.zeros(idx.size, bool), ood)
+    return smp, cols
+
+
 def infer_catalog(posterior, catalog, spec=None, *, key=0, n_samples: int = 1000,
                   n_derived: int = 200, model=None, noise_policy: str = "auto", min_bands=None,
                   max_rows: int = 65536, max_rounds: int = 20, derived: bool = True,
-                  z_range="prior", mesh=None, **read_kw) -> CatalogInference:
+                  z_range="prior", mesh=None, exact=None, **read_kw) -> CatalogInference:
     """Posteriors for every usable row of a real catalog, with band masks and support checks:
     :func:`infer_rows` on the whole table (one block, in memory).
 
@@ -243,6 +271,8 @@ def infer_catalog(posterior, catalog, spec=None, *, key=0, n_samples: int = 1000
     max_rows : galaxies x draws per compiled sampling call (and derived-property group).
     derived / model / n_derived : derived-property summaries (``model`` default: loaded for the
         posterior's bands). z_range : 'prior' (default), (lo, hi] or None.
+    exact : None or :class:`~sedflow_jax.sbi.importance.ExactOptions` (importance-sampled exact
+        posteriors, ``is_*`` columns; see :func:`infer_rows`).
     Rows with a flag are not fit. Returns a :class:`CatalogInference`.
     """
     from astropy.table import Table
@@ -257,7 +287,7 @@ def infer_catalog(posterior, catalog, spec=None, *, key=0, n_samples: int = 1000
     res = infer_rows(posterior, table, np.arange(len(table)), sampler=sampler, key=as_key(key),
                      spec=spec, max_rounds=max_rounds, model=model if derived else None,
                      n_derived=n_derived, noise_policy=noise_policy, min_bands=min_bands,
-                     z_range=z_range, max_draws=max_rows)
+                     z_range=z_range, max_draws=max_rows, exact=exact)
     full = Table(res.columns)
     report = dict(res.report)
     acc = np.asarray(res.samples.acceptance, float)
@@ -270,5 +300,9 @@ def infer_catalog(posterior, catalog, spec=None, *, key=0, n_samples: int = 1000
         "time_total_s": time.perf_counter() - t0,
         "galaxies_per_s_sampling": float(n_fit / max(report["time_sample_s"], 1e-9)),
     })
+    if exact is not None:
+        report["exact"] = {**exact.config(), "n_flagged": int(np.sum(full["is_flag"][res.fit])),
+                           "median_efficiency": float(np.nanmedian(full["is_efficiency"]))
+                           if n_fit else float("nan")}
     full.meta["report"] = report
     return CatalogInference(full, res.samples, np.flatnonzero(res.fit), res.photometry, report)

@@ -183,7 +183,8 @@ def infer_catalog_streaming(posterior, catalog, out, spec=None, *, n_samples: in
                             n_derived: int = 500, store_samples: bool = False,
                             keep_columns: Sequence[str] = (), hdu=None, hdf5_path=None,
                             z_range="prior", noise_policy: str = "auto", min_bands=None,
-                            overwrite: bool = False, finalize: Optional[bool] = None,
+                            exact=None, overwrite: bool = False,
+                            finalize: Optional[bool] = None,
                             keep_parts: Optional[bool] = None, progress: bool = True,
                             _stop_after_chunks: Optional[int] = None, _on_chunk=None,
                             **columns) -> InferenceResult:
@@ -217,6 +218,8 @@ def infer_catalog_streaming(posterior, catalog, out, spec=None, *, n_samples: in
         z_range: rows outside it are flagged and not sampled; ``'prior'`` (default) uses the
             posterior's prior redshift range, None disables the cut.
         noise_policy, min_bands: as :func:`sedflow_jax.sbi.inference.infer_catalog`.
+        exact: None or :class:`~sedflow_jax.sbi.importance.ExactOptions`: importance-sampled
+            exact posteriors with the ``is_*`` columns (as plain inference).
         overwrite: discard a work folder / output holding a different configuration.
         finalize: assemble ``out`` when every chunk exists (default: yes for one process;
             several processes: whichever finds all chunks done, or :func:`finalize_inference`).
@@ -233,7 +236,7 @@ def infer_catalog_streaming(posterior, catalog, out, spec=None, *, n_samples: in
     spec = dataclasses.replace(spec, keep=tuple(dict.fromkeys(spec.keep + tuple(keep_columns))))
     fit = dict(max_rounds=int(max_rounds), model=model, n_derived=int(n_derived),
                noise_policy=noise_policy, min_bands=min_bands, z_range=z_range,
-               max_draws=int(max_rows))
+               max_draws=int(max_rows), exact=exact)
     cat = CatalogReader(catalog, hdu=hdu, hdf5_path=hdf5_path)
     try:
         spec = spec.resolve(cat, posterior.bands)  # short band names, NMGY / MODELFLUX arrays
@@ -276,6 +279,8 @@ def _plan(posterior, cat, spec, key, fit, *, n_samples, chunk_rows, store_sample
             "n_derived": fit["n_derived"], "filters": list(model.filter_names),
             "model_tables_sha256": tables_sha256(model.tables)},
     }
+    if fit["exact"] is not None:  # absent otherwise: earlier runs keep their configuration
+        config["exact"] = fit["exact"].config()
     config = json.loads(json.dumps(jsonable(config)))
     sha = hashlib.sha256(canonical_json(config).encode()).hexdigest()
     n_chunks = math.ceil(n_rows / chunk_rows) if n_rows else 0
@@ -523,6 +528,9 @@ def finalize_inference(out, *, keep_parts: bool = False) -> str:
                 stats["low_acceptance"] += int(cols["low_acceptance"][use].sum())
                 stats["ood"] += int(cols["ood"].sum())
                 stats["flag_nonzero"] += int((~use).sum())
+                if "is_flag" in cols:  # --exact: fitted rows whose importance draws are unsure
+                    stats["is_flagged"] = stats.get("is_flagged", 0) + \
+                        int(cols["is_flag"][use].sum())
                 stop += m
             if stop != n_rows:
                 raise ValueError(f"{parts}: chunks hold {stop} rows, the catalog {n_rows}")
