@@ -244,7 +244,7 @@ def test_non_finite_likelihood_and_wrong_bands(setup):
 # the shipped sdss_ugriz posterior as proposal: mocks drawn like its training set, and real
 # SDSS rows whose errors carry calibration floors larger than any in the training set
 # ---------------------------------------------------------------------------------------------
-N_MOCK_IS, N_REAL_IS = 12, 6
+N_MOCK_IS, N_REAL_IS = 8, 4
 #: 2x the NSA floors (u, g, r, i, z; mag): beyond the 0-0.05 mag floors of the training noise
 BIG_FLOORS = np.array([0.10, 0.04, 0.04, 0.04, 0.06])
 
@@ -310,7 +310,7 @@ def test_real_rows_with_floors_beyond_training_are_trustworthy_or_flagged(shippe
     w_floor = np.subtract(*np.percentile(res.s[real][..., 0], [84, 16], axis=1))
     w_bare = np.subtract(*np.percentile(res.s[bare][..., 0], [84, 16], axis=1))
     both = ok & ~res.flag[bare]
-    assert both.sum() >= 3
+    assert both.sum() >= 2
     # a 68 % width from ESS >= 100 draws has < 10 % sampling noise
     assert np.all(w_floor[both] >= 0.85 * w_bare[both]), (w_floor, w_bare, both)
 
@@ -322,7 +322,7 @@ def test_importance_posteriors_calibrated_on_training_like_mocks(shipped_runs):
     res, truth = shipped_runs["res"], shipped_runs["truth"]
     mock = slice(0, N_MOCK_IS)
     ok = ~res.flag[mock]
-    assert ok.sum() >= N_MOCK_IS // 3
+    assert ok.sum() >= N_MOCK_IS // 2
     s = res.s[mock][ok]
     for level, (lo_q, hi_q) in ((0.68, (16, 84)), (0.95, (2.5, 97.5))):
         lo, hi = np.percentile(s, [lo_q, hi_q], axis=1)

@@ -289,14 +289,14 @@ def test_exact_refuses_impossible_sizes(setup, tmp_path, capsys):
 
 
 def test_refine_replaces_flagged_draws_by_mcmc_and_stream_equals_plain(setup, tmp_path, capsys):
-    """``--exact --refine`` on the first 6 rows: every galaxy the importance weights flag is
+    """``--exact --refine`` on the first 3 rows: every galaxy the importance weights flag is
     rerun by MCMC from its importance draws (refined = 1, R-hat and ESS recorded, is_flag = 0
     exactly when it converged), the others keep their draws; --stream gives the same table;
     --refine without --exact is refused."""
-    cat = tmp_path / "six.fits"
-    Table.read(setup["cat"])[:6].write(cat)
+    cat = tmp_path / "three.fits"
+    Table.read(setup["cat"])[:3].write(cat)
     common = ["--model", setup["masked"], "--catalog", cat, *BASE, *EXACT]
-    ref = [*common, "--refine", "--refine-steps", 40]
+    ref = [*common, "--refine", "--refine-steps", 20]
     out_is, out_ref = tmp_path / "is.fits", tmp_path / "ref.fits"
     assert _main(["infer", *common, "--out", out_is]) == 0
     assert _main(["infer", *ref, "--out", out_ref]) == 0
@@ -313,7 +313,7 @@ def test_refine_replaces_flagged_draws_by_mcmc_and_stream_equals_plain(setup, tm
     np.testing.assert_array_equal(lm_a[~refined], lm_b[~refined])  # NaN where not fit
     assert np.all(lm_a[refined] != lm_b[refined])
     h5 = tmp_path / "ref.h5"
-    assert _main(["infer", *ref, "--stream", "--chunk-rows", 4, "--quiet", "--out", h5]) == 0
+    assert _main(["infer", *ref, "--stream", "--chunk-rows", 2, "--quiet", "--out", h5]) == 0
     st = ST.read_inference(h5)[0]
     for tab in (b, st):
         for c in tab.colnames:

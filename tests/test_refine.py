@@ -30,3 +30,32 @@ def test_distinct_starts_many_draws_kept_as_given():
     assert all(any(np.array_equal(r, d) for d in draws) for r in x)  # no jitter needed
     with pytest.raises(ValueError, match="no finite draw"):
         distinct_starts(rng, np.full((5, 2), np.nan), 4, np.zeros(2), np.ones(2))
+
+
+def test_second_mcmc_run_on_new_data_compiles_nothing():
+    """One compiled sampler serves every galaxy: a second run_ess / run_nuts on new data of the
+    same shape triggers no XLA compilation (numpyro 0.22 recompiled the whole sampler on every
+    MCMC.run; see mcmc.runners._reused_jit_wrappers)."""
+    import jax
+    import jax.numpy as jnp
+
+    from sedflow_jax import mcmc as M
+
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, secs, **kw: compiles.append(name) if "backend_compile" in name else None)
+
+    def log_density(x, d):
+        return -0.5 * jnp.sum((x - d["m"]) ** 2)
+
+    for sampler, kw in (("ess", dict(num_chains=6)), ("nuts", dict(num_chains=1))):
+        means = []
+        for i, m in enumerate((-3.0, 4.0)):
+            t = M.make_target(log_density, 2, data=dict(m=jnp.full(2, m, jnp.float32)),
+                              low=[-20, -20], high=[20, 20])
+            n0 = len(compiles)
+            r = M.run_sampler(i, t, sampler, num_warmup=100, num_samples=300, init="prior", **kw)
+            means.append(r.flat_samples.mean(0))
+            if i == 1:
+                assert len(compiles) == n0, (sampler, compiles[n0:])
+        np.testing.assert_allclose(means[1], 4.0, atol=0.4)  # and it sampled the new data

@@ -7,6 +7,7 @@ traced arguments, so the galaxies of a catalog share them. :func:`clear_caches` 
 """
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from typing import NamedTuple, Optional
@@ -14,6 +15,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro.util
 from numpyro.infer import AIES, ESS, MCMC, NUTS
 
 from ..util import as_key
@@ -136,14 +138,49 @@ def _site_to_box(target: Target, y, space: str) -> np.ndarray:
     return np.clip(c + a * y.astype(np.float64), target.low, target.high)
 
 
+_JIT_WRAPPERS: dict = {}
+
+
+@contextlib.contextmanager
+def _reused_jit_wrappers():
+    """Within the block, numpyro's ``maybe_jit(fn, ...)`` returns one ``jax.jit`` wrapper per
+    (fn, options) instead of a new one per call.
+
+    numpyro 0.22's ``fori_collect`` (``MCMC.run`` without a progress bar) passes its cached loop
+    body, freshly wrapped in ``jax.jit``, as a static argument of the loop's ``jit``: the new
+    wrapper never equals the previous one, so every ``run`` retraced and recompiled the whole
+    sampler (seconds to a minute for the SED model) although the data are traced arguments
+    (numpyro PR #2171 fixed the same for another path). The wrapped functions are numpyro's
+    cached bodies, so reusing their wrapper changes nothing but the recompilation."""
+    original = numpyro.util.maybe_jit
+
+    def reuse(fn, *args, **kwargs):
+        key = (fn, args, tuple(sorted(kwargs.items())))
+        try:
+            return _JIT_WRAPPERS[key]
+        except TypeError:  # unhashable options: numpyro's own behaviour
+            return original(fn, *args, **kwargs)
+        except KeyError:
+            if len(_JIT_WRAPPERS) > 64:
+                _JIT_WRAPPERS.clear()
+            return _JIT_WRAPPERS.setdefault(key, original(fn, *args, **kwargs))
+
+    numpyro.util.maybe_jit = reuse
+    try:
+        yield
+    finally:
+        numpyro.util.maybe_jit = original
+
+
 def _sample(mc, key, target: Target, start, num_chains: int, extra: tuple):
     """Run the compiled sampler from ``start``; -> site draws (chains, draws, d), seconds."""
     t0 = time.perf_counter()
     # the default float (float64 when jax_enable_x64 is on, e.g. after `import dsps`): a float32
     # start would clash with the float64 arithmetic of the kernel inside lax.cond
     y0 = jnp.asarray(start, float_dtype())
-    mc.run(key, target.data, init_params={"y": y0[0] if num_chains == 1 else y0},
-           extra_fields=extra)
+    with _reused_jit_wrappers():
+        mc.run(key, target.data, init_params={"y": y0[0] if num_chains == 1 else y0},
+               extra_fields=extra)
     y = np.asarray(jax.block_until_ready(mc.get_samples(group_by_chain=True)["y"]))
     return (y[None] if y.ndim == 2 else y), time.perf_counter() - t0
 
@@ -323,3 +360,4 @@ def clear_caches() -> None:
     """Forget the compiled samplers and log-density helpers kept for reuse (frees memory)."""
     _MCMC_CACHE.clear()
     COMPILED.clear()
+    _JIT_WRAPPERS.clear()
