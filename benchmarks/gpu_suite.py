@@ -38,10 +38,15 @@ from sedflow_jax.sbi.sampling import sample_rows  # noqa: E402
 from sedflow_jax.sim import prior as P  # noqa: E402
 
 FULL = dict(phot_batches=(100_000, 1_000_000, 10_000_000), n_simulate=1_130_000,
-            train_steps=20, train_presets=("paper", "small512", "small1024"),
-            n_catalog=33_884, n_draws=10_000, is_galaxies=256)
-QUICK = dict(phot_batches=(4_096,), n_simulate=8_192, train_steps=3,
-             train_presets=("small512",), n_catalog=64, n_draws=500, is_galaxies=4)
+            train_steps=20, train_presets=("paper", "small512", "small1024"), toy_flow=(5, 128),
+            n_catalog=33_884, n_draws=10_000, is_galaxies=256,
+            is_draws=dict(n_initial=512, n_max=2048, group=None))
+#: every stage once at small sizes (a CPU smoke test: compilation dominates). The flows are the
+#: examples' quick 3 x 64 flow with their shapes (batch 512; 32 galaxies x 200 draws), so a test
+#: session's compilation cache already holds these programs
+QUICK = dict(phot_batches=(1_024,), n_simulate=4_096, train_steps=2,
+             train_presets=("quick512",), toy_flow=(3, 64), n_catalog=32, n_draws=200,
+             is_galaxies=4, is_draws=dict(n_initial=64, n_max=128, group=8))
 
 
 def timed(fn, reps: int = 1):
@@ -81,6 +86,9 @@ def bench_simulate(model, n, rows):
 def flow_config(preset: str):
     if preset == "paper":
         return F.FlowConfig.paper(11, 11), 512
+    if preset.startswith("quick"):  # the examples' quick flow
+        return F.FlowConfig.small(11, 11).replace(n_blocks=3, hidden=64), \
+            int(preset.removeprefix("quick"))
     return F.FlowConfig.small(11, 11), int(preset.removeprefix("small"))
 
 
@@ -111,10 +119,11 @@ def bench_train_step(preset: str, steps: int, rows):
                  f"compile+first {first:.1f} s"))
 
 
-def toy_posterior(bands=("sdss_u", "sdss_g", "sdss_r", "sdss_i", "sdss_z")):
-    """A default-size (5 x 128) logit posterior with random weights: timing only."""
+def toy_posterior(bands=("sdss_u", "sdss_g", "sdss_r", "sdss_i", "sdss_z"), flow=(5, 128)):
+    """A logit posterior with random weights, default size (5 x 128; ``flow`` = (blocks,
+    hidden)): timing only."""
     nb = len(bands)
-    fc = F.FlowConfig.small(11, 2 * nb + 1)
+    fc = F.FlowConfig.small(11, 2 * nb + 1).replace(n_blocks=flow[0], hidden=flow[1])
     lo = np.r_[np.full(nb, 14.0), np.full(nb, 1e-3), 0.0]
     hi = np.r_[np.full(nb, 22.0), np.full(nb, 0.3), 0.2]
     rng = np.random.default_rng(0)
@@ -140,7 +149,7 @@ def bench_catalog_sampling(post, n_gal, n_draws, rows):
                  f"acceptance {float(np.mean(s.acceptance)):.2f}"))
 
 
-def bench_importance(model, post, n_gal, rows):
+def bench_importance(model, post, n_gal, rows, n_initial=512, n_max=2048, group=None):
     try:
         from sedflow_jax.sbi import importance
     except ImportError:
@@ -149,8 +158,8 @@ def bench_importance(model, post, n_gal, rows):
     cat = sj.mock_catalog(3, n_gal, model=model)
     ph = sj.read_photometry(cat, post.bands)
     t0 = time.perf_counter()
-    res = importance.sample_exact(post, 0, model, ph.flux, ph.sigma, ph.z, n_initial=512,
-                                  n_max=2048, target_ess=100)
+    res = importance.sample_exact(post, 0, model, ph.flux, ph.sigma, ph.z, n_initial=n_initial,
+                                  n_max=n_max, target_ess=100, group=group)
     dt = time.perf_counter() - t0
     rows.append((f"importance sampling, {n_gal} mock galaxies (toy flow)", n_gal / dt,
                  "galaxies/s", f"{dt:.1f} s incl. compilation; median efficiency "
@@ -173,14 +182,15 @@ def main(argv=None) -> dict:
     print(" ".join(f"{k}={v}" for k, v in head.items()), flush=True)
     rows: list = []
     model = sj.load_model(z_max=0.2)
-    post = toy_posterior()
+    post = toy_posterior(flow=cfg["toy_flow"])
     steps = [("photometry", lambda: bench_photometry(model, cfg["phot_batches"], rows)),
              ("simulate", lambda: bench_simulate(model, cfg["n_simulate"], rows)),
              ("train", lambda: [bench_train_step(p, cfg["train_steps"], rows)
                                 for p in cfg["train_presets"]]),
              ("sampling", lambda: bench_catalog_sampling(post, cfg["n_catalog"], cfg["n_draws"],
                                                          rows)),
-             ("importance", lambda: bench_importance(model, post, cfg["is_galaxies"], rows))]
+             ("importance", lambda: bench_importance(model, post, cfg["is_galaxies"], rows,
+                                                     **cfg["is_draws"]))]
     t_all = time.perf_counter()
     for name, run in steps:
         if name not in a.skip:

@@ -44,6 +44,10 @@ def _made_bijector(fl, x, block=0, sampler="prefix"):
         step_fn=lambda p, i: made.params_for_dim(p, xz, i), sampler=sampler)
 
 
+#: draws per F.sample call on the ``maf`` fixture (one shape: one compilation of the sampler)
+N_DRAWS = 16
+
+
 @pytest.fixture(scope="module")
 def maf():
     return _flow(d=4, c=3)
@@ -104,10 +108,15 @@ def test_block_triangular_matmul_equals_masked_dense(d, h, groups):
     m = F._mask_np("hidden", "hidden", d, h, h)
     dense = lambda x, k: x @ (k * m)  # noqa: E731
     blocked = lambda x, k: F._block_triangular_matmul(x, k, d, h, groups)  # noqa: E731
-    np.testing.assert_allclose(blocked(x, k), dense(x, k), rtol=1e-4, atol=1e-3)
     g = jnp.asarray(rng.normal(size=(6, h)), jnp.float32)
-    vjp_b = jax.vjp(blocked, x, k)[1](g)
-    vjp_d = jax.vjp(dense, x, k)[1](g)
+
+    @jax.jit  # one compilation (op by op, every small op of the groups compiles on its own)
+    def both(x, k, g):
+        return (blocked(x, k), dense(x, k), jax.vjp(blocked, x, k)[1](g),
+                jax.vjp(dense, x, k)[1](g))
+
+    out_b, out_d, vjp_b, vjp_d = both(x, k, g)
+    np.testing.assert_allclose(out_b, out_d, rtol=1e-4, atol=1e-3)
     for a, b in zip(vjp_b, vjp_d):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
     assert np.all(np.asarray(vjp_b[1])[m == 0] == 0)  # masked weights get no gradient
@@ -176,7 +185,7 @@ def test_whole_flow_bijector_and_logdet(maf):
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.normal(size=(3,)), jnp.float32)
     b = F.bijector(maf, x)
-    z = jnp.asarray(rng.normal(size=(5, 4)), jnp.float32)
+    z = jnp.asarray(rng.normal(size=(7, 4)), jnp.float32)  # 7 rows: log_prob's shape elsewhere
 
     @jax.jit
     def run(z):
@@ -214,8 +223,9 @@ def test_jit_vmap_eager_agree(maf):
     xs = jnp.asarray(rng.normal(size=(7, 3)), jnp.float32)
     ref = jax.jit(maf.log_prob)(theta[:3], xs[:3])  # jit of the bare module method
     jitted = F.log_prob(maf, theta, xs)
-    vm = jax.jit(jax.vmap(lambda t, x: maf.log_prob(t, x)))(theta, xs)
-    outer = jax.jit(lambda t, x: F.log_prob(maf, t, x))(theta, xs)
+    # jit of a vmap of the method, and F.log_prob inside an outer jit (one compiled program)
+    vm, outer = jax.jit(lambda t, x: (jax.vmap(lambda a, b: maf.log_prob(a, b))(t, x),
+                                      F.log_prob(maf, t, x)))(theta, xs)
     nj = nnx.jit(lambda m, t, x: F.log_prob(m, t, x))(maf, theta, xs)
     for other in (jitted, vm, outer, nj):
         np.testing.assert_allclose(other[:3], ref, rtol=1e-5, atol=1e-5)
@@ -224,16 +234,16 @@ def test_jit_vmap_eager_agree(maf):
     assert single.shape == ()
     np.testing.assert_allclose(single, ref[0], atol=1e-5)
     key = jax.random.PRNGKey(4)
-    s_jit = F.sample(maf, key, xs[0], 16)
-    s_nnx = nnx.jit(lambda m, k, x: m.sample(k, x, 16))(maf, key, xs[0])
+    s_jit = F.sample(maf, key, xs[0], N_DRAWS)
+    s_nnx = nnx.jit(lambda m, k, x: m.sample(k, x, N_DRAWS))(maf, key, xs[0])
     np.testing.assert_allclose(s_jit, s_nnx, atol=1e-5)
-    assert s_jit.dtype == jnp.float32 and s_jit.shape == (16, 4)
+    assert s_jit.dtype == jnp.float32 and s_jit.shape == (N_DRAWS, 4)
 
 
 def test_prefix_and_loop_samplers_agree(maf):
     x = jnp.asarray([0.5, 0.1, -1.0], jnp.float32)
-    a = F.sample(maf, jax.random.PRNGKey(0), x, 50)
-    b = F.sample(maf, jax.random.PRNGKey(0), x, 50, sampler="loop")
+    a = F.sample(maf, jax.random.PRNGKey(0), x, N_DRAWS)
+    b = F.sample(maf, jax.random.PRNGKey(0), x, N_DRAWS, sampler="loop")
     np.testing.assert_allclose(a, b, atol=3e-5)
     assert np.all(np.isfinite(a))
 
@@ -242,12 +252,13 @@ def test_sample_batched_matches_single_and_chunking(maf):
     rng = np.random.default_rng(5)
     xs = jnp.asarray(rng.normal(size=(5, 3)), jnp.float32)
     key = jax.random.PRNGKey(9)
-    out = F.sample_batched(maf, key, xs, 8, max_rows=16)  # chunks of 2 galaxies, padded
-    assert out.shape == (5, 8, 4)
-    out2 = F.sample_batched(maf, key, xs, 8)  # one chunk
+    n = N_DRAWS
+    out = F.sample_batched(maf, key, xs, n, max_rows=2 * n)  # chunks of 2 galaxies, padded
+    assert out.shape == (5, n, 4)
+    out2 = F.sample_batched(maf, key, xs, n)  # one chunk
     np.testing.assert_allclose(out, out2, atol=1e-5)
     for j in (0, 4):
-        np.testing.assert_allclose(out[j], F.sample(maf, jax.random.fold_in(key, j), xs[j], 8),
+        np.testing.assert_allclose(out[j], F.sample(maf, jax.random.fold_in(key, j), xs[j], n),
                                    atol=1e-5)
     assert not np.allclose(out[0], out[1])
 

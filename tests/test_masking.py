@@ -21,6 +21,12 @@ from sedflow_jax.sbi.posterior import AmortizedPosterior
 from sedflow_jax.sbi.training import train_posterior
 
 NB = 5
+#: mock galaxies of the masked posterior's tests
+N_MOCK = 160
+#: draws per mock galaxy; sampling calls run groups of 32 galaxies (max_rows = 32 draws x
+#: N_DRAWS): every call of the masked tests, and each rejection round, uses one compiled shape
+N_DRAWS = 200
+MAX_ROWS = 32 * N_DRAWS
 
 
 def test_random_band_mask_statistics():
@@ -73,7 +79,8 @@ def test_plain_posterior_refuses_masked_bands():
 @pytest.fixture(scope="module")
 def masked():
     """A small mask-aware posterior: 60k simulated rows, band dropout 0.5, 4 x 96 MAF."""
-    r = sj.simulate(5, 60_000, progress=False)
+    model = sj.load_model(z_max=0.2)  # simulate's default model; one compiled block kernel
+    r = sj.simulate(5, 60_000, model, progress=False)
     d = r.training_data()
     fc = F.FlowConfig.small(11, 16, seed=0).replace(n_blocks=4, hidden=96)
     tc = T.TrainConfig(seed=0, batch_size=256, learning_rate=1e-3, patience=4, max_epochs=40,
@@ -81,8 +88,7 @@ def masked():
     post, res = train_posterior(d, None, flow_config=fc, train_config=tc,
                                 prior=sj.provabgs_prior(), bands=tuple(r.manifest["bands"]),
                                 band_dropout=0.5)
-    model = sj.load_model(z_max=0.2)
-    cat = sj.mock_catalog(77, 160, model=model)
+    cat = sj.mock_catalog(77, N_MOCK, model=model)
     ph = C.read_photometry(cat, post.bands)
     x = layout.to_conditioning(ph.flux, ph.sigma, ph.z)
     truth = np.asarray(P.to_sampling(np.column_stack(
@@ -110,19 +116,31 @@ def test_masking_a_band_widens_log_mass_on_average(masked):
     only widen an exact posterior. The reddest band (z) carries the most mass information, u the
     dust-slope information."""
     post, _, x, truth = masked
-    xs, n = x, 200  # same shapes as the coverage test: one compilation
-    full = post.sample_batched(jax.random.key(1), xs, n)
-    w_full = np.nanmean(_width68(full.s), axis=0)  # (11,) mean 68 % widths
-    widen = {}
+    m = len(x)
+    # every mock under five masks, drawn in one call (one rejection loop, one compiled shape):
+    # all bands; without u, r, z; only g and i. Rows of the call are distinct, so every
+    # (mock, mask) gets its own draws
+    masks, xs = [np.ones((m, NB), bool)], [x]
     for b in (0, 2, 4):  # u, r, z
-        mask = np.ones((len(xs), NB), bool)
+        mask = np.ones((m, NB), bool)
         mask[:, b] = False
-        xn = xs.copy()
+        xn = x.copy()
         xn[:, [b, NB + b]] = np.nan  # the masked band's values are never read
-        s = post.sample_batched(jax.random.key(2), xn, n, mask=mask)
-        widen[b] = np.nanmean(_width68(s.s), axis=0) / w_full
+        masks.append(mask)
+        xs.append(xn)
+    mask = np.zeros((m, NB), bool)
+    mask[:, [1, 3]] = True
+    masks.append(mask)
+    xs.append(x)
+    s_all = post.sample_batched(jax.random.key(1), np.concatenate(xs), N_DRAWS,
+                                mask=np.concatenate(masks), max_rows=MAX_ROWS).s
+    s_full, s_u, s_r, s_z, s_gi = np.split(s_all, 5)
+    w_full = np.nanmean(_width68(s_full), axis=0)  # (11,) mean 68 % widths
+    widen = {}
+    for b, s in ((0, s_u), (2, s_r), (4, s_z)):
+        widen[b] = np.nanmean(_width68(s), axis=0) / w_full
         # the masked posterior still covers the truth about as often (68 % interval)
-        lo, hi = np.nanpercentile(s.s[..., 0], [16, 84], axis=1)
+        lo, hi = np.nanpercentile(s[..., 0], [16, 84], axis=1)
         assert 0.5 < np.mean((truth[:, 0] > lo) & (truth[:, 0] < hi)) < 0.9
         # never clearly narrower on average over the 11 parameters
         assert np.mean(widen[b]) > 0.98, (b, widen[b])
@@ -130,10 +148,7 @@ def test_masking_a_band_widens_log_mass_on_average(masked):
     assert widen[2][0] > 0.99, widen[2]  # log M* without r (g and i bracket it)
     assert widen[0][10] > 1.05, widen[0]  # dust slope n_dust without u
     # keeping only g and i widens log M* more than dropping any single band
-    mask = np.zeros((len(xs), NB), bool)
-    mask[:, [1, 3]] = True
-    s = post.sample_batched(jax.random.key(3), xs, n, mask=mask)
-    w_gi = np.nanmean(_width68(s.s[..., 0])) / w_full[0]
+    w_gi = np.nanmean(_width68(s_gi[..., 0])) / w_full[0]
     assert w_gi > max(widen[b][0] for b in widen) and w_gi > 1.1, (w_gi, widen)
 
 
@@ -145,8 +160,8 @@ def test_log_mass_coverage_with_random_masks(masked):
     post, _, x, truth = masked
     rng = np.random.default_rng(7)
     mask = M.random_band_mask(rng, len(x), NB, p_drop=0.5, min_bands=2)
-    n = 200
-    s = post.sample_batched(jax.random.key(4), x, n, mask=mask)
+    n = N_DRAWS
+    s = post.sample_batched(jax.random.key(4), x, n, mask=mask, max_rows=MAX_ROWS)
     full = s.n_accepted == n
     assert full.mean() > 0.95 and (~mask).any(1).mean() > 0.35
     for level, lo_ok, hi_ok in ((0.68, 0.53, 0.83), (0.95, 0.80, 0.99)):

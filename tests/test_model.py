@@ -11,12 +11,32 @@ from conftest import THETA0, canonical_prior_draws
 from sedflow_jax.sed import model as M
 from sedflow_jax.sed import photometry as ph
 
+#: bands of the small model below (index 1 is sdss_r)
+SMALL_BANDS = ["sdss_u", "sdss_r"]
 
-def test_single_burst_equals_interpolated_ssp():
+
+@pytest.fixture(scope="module")
+def small():
+    """A 2-band model (z <= 0.6) for the batching / differentiation tests.
+
+    Their custom vmap and jvp rules act per galaxy and per band, so two bands exercise them as
+    seven do; photometry_fn closes over the model's tables, which every compiled program built
+    from it embeds as constants, and with 2 bands up to z = 0.6 those are ~6x smaller than the
+    7-band session model's (each such program compiles ~2x faster)."""
+    return sj.load_model(filters=SMALL_BANDS, z_max=0.6)
+
+
+#: rows of the batch comparisons (one shape: model.photometry and jit(f) compile once)
+N_ROWS = 12
+#: rows of the comparisons on the 7-band session model (its photometry compiles once for this
+#: shape, shared with test_model_reference through the persistent compilation cache)
+N_SESSION = 60
+
+
+def test_single_burst_equals_interpolated_ssp(model):
     """fburst=1, no dust, burst at a grid node with Z at a grid node: L = 10^logM * SSP."""
-    m = sj.load_model()
+    m = model  # the default grid (the spectrum does not depend on the filters)
     g = m.grid
-    bases = sj.sfh.load_nmf_bases() if hasattr(sj, "sfh") else None
     from sedflow_jax.sed import sfh
 
     bases = sfh.load_nmf_bases()
@@ -43,13 +63,14 @@ def test_flat_fnu_is_ab_zero():
 def test_photometry_path_equals_sed_integrated(model):
     """The fast photometry kernel equals integrating the full SED (different code paths)."""
     rng = np.random.default_rng(5)
-    th = canonical_prior_draws(rng, 8)
-    zs = np.linspace(0.02, 0.4, 8)
-    s = model.sed(th, zs)
+    n = N_SESSION
+    th = canonical_prior_draws(rng, n)
+    zs = np.linspace(0.02, 0.4, n)
     fast = np.asarray(model.photometry(th, zs), float)
-    for i in range(8):
-        slow = ph.ab_nanomaggies(np.asarray(s.wave_obs[i], float),
-                                 np.asarray(s.flux_lambda[i], float) * 1e-17, model.filters)
+    for i in range(n):
+        s = model.sed(th[i], zs[i])  # one galaxy at a time (as the single-spectrum tests)
+        slow = ph.ab_nanomaggies(np.asarray(s.wave_obs, float),
+                                 np.asarray(s.flux_lambda, float) * 1e-17, model.filters)
         ok = slow > 1e-12
         # the fast path interpolates the filter transmission linearly on a dz = 5e-4 grid
         np.testing.assert_allclose(fast[i][ok], slow[ok], rtol=5e-4)
@@ -70,12 +91,14 @@ def test_zero_dust_leaves_spectrum_unchanged(model):
     assert r_blue < r_red < 1
 
 
-def test_mass_scaling_and_normalisation(model):
+def test_mass_scaling_and_normalisation(small):
     """Flux is exactly proportional to 10^logM; bin masses sum to 1 (SFR integral = M formed)."""
+    th = np.tile(THETA0, (N_ROWS, 1))
+    th[1::2, 0] += 1.0  # pairs (logM, logM + 1) at N_ROWS / 2 redshifts
+    zs = np.repeat(np.linspace(0.1, 0.5, N_ROWS // 2), 2)
+    f = np.asarray(small.photometry(th, zs), float)
+    np.testing.assert_allclose(f[1::2], 10 * f[::2], rtol=1e-5)
     th = THETA0.copy()
-    f1 = np.asarray(model.photometry(th, 0.1), float)
-    th[0] += 1.0
-    np.testing.assert_allclose(np.asarray(model.photometry(th, 0.1), float), 10 * f1, rtol=1e-5)
     # sum of bin SFR x width = 10^logM (fburst = 0)
     from sedflow_jax.sed import cosmology, sfh
 
@@ -105,19 +128,20 @@ def test_distance_dimming(model):
     np.testing.assert_allclose((i1 / l1) / (i2 / l2), (d2 / d1) ** 2, rtol=1e-4)
 
 
-def test_jit_vmap_equals_python_loop(model):
+def test_jit_vmap_equals_python_loop(small):
     rng = np.random.default_rng(11)
-    th = canonical_prior_draws(rng, 16)
-    zs = rng.uniform(0.01, 0.3, 16)
-    batch = np.asarray(model.photometry(th, zs))
-    f = jax.jit(model.photometry_fn())
+    n, nb = N_ROWS, len(SMALL_BANDS)
+    th = canonical_prior_draws(rng, n)
+    zs = rng.uniform(0.01, 0.3, n)
+    batch = np.asarray(small.photometry(th, zs))
+    f = jax.jit(small.photometry_fn())
     loop = np.stack([np.asarray(f(jnp.asarray(t, jnp.float32), jnp.float32(z)))
                      for t, z in zip(th, zs)])
     np.testing.assert_allclose(batch, loop, rtol=1e-5)
-    # broadcasting shapes: (2, 8, 12) with z (2, 8)
-    b2 = np.asarray(model.photometry(th.reshape(2, 8, 12), zs.reshape(2, 8)))
-    assert b2.shape == (2, 8, 7)
-    np.testing.assert_allclose(b2.reshape(16, 7), batch, rtol=1e-6)
+    # broadcasting shapes: (2, n/2, 12) with z (2, n/2)
+    b2 = np.asarray(small.photometry(th.reshape(2, n // 2, 12), zs.reshape(2, n // 2)))
+    assert b2.shape == (2, n // 2, nb)
+    np.testing.assert_allclose(b2.reshape(n, nb), batch, rtol=1e-6)
 
 
 def _plain_kernel(model):
@@ -125,38 +149,47 @@ def _plain_kernel(model):
     return lambda t, z: M._phot_kernel(t, z, model.tables, model.config)
 
 
-def test_vmapped_kernel_equals_batch_and_single_calls(model):
+def test_vmapped_kernel_equals_batch_and_single_calls(small):
     """jit(vmap(photometry_fn())) (flat, nested chains x walkers, z broadcast) equals
     model.photometry, the unbatched kernel called per galaxy, and the plain kernel's vmap."""
     rng = np.random.default_rng(17)
-    n = 12
+    n = N_ROWS
     th = jnp.asarray(canonical_prior_draws(rng, n), jnp.float32)
     zs = jnp.asarray(rng.uniform(0.01, 0.6, n), jnp.float32)
-    f = model.photometry_fn()
-    assert model.photometry_fn() is f  # one function object: jit caches are shared
+    f = small.photometry_fn()
+    assert small.photometry_fn() is f  # one function object: jit caches are shared
     # (every transform jitted: eager op-by-op evaluation of the kernel costs minutes in CI)
-    batch = np.asarray(model.photometry(np.asarray(th), np.asarray(zs)))
-    vmf = jax.jit(jax.vmap(f))
-    vm = np.asarray(vmf(th, zs))
-    one = jax.jit(f)
+    batch = np.asarray(small.photometry(np.asarray(th), np.asarray(zs)))
+    one = jax.jit(f)  # the same compiled program as test_jit_vmap_equals_python_loop's
     single = np.stack([np.asarray(one(t, z)) for t, z in zip(th, zs)])
-    plain = np.asarray(jax.jit(jax.vmap(_plain_kernel(model)))(th, zs))
-    for other in (batch, single, plain):
-        np.testing.assert_allclose(vm, other, rtol=1e-5)
-    nested = np.asarray(jax.jit(jax.vmap(jax.vmap(f)))(th.reshape(3, 4, 12), zs.reshape(3, 4)))
-    np.testing.assert_allclose(nested.reshape(n, -1), vm, rtol=1e-5)
-    # z not batched (in_axes None), also inside a nested vmap (one z per chain); the
-    # references are the flat vmap above (== model.photometry) at the broadcast redshifts
     z0 = zs[5]
-    bz = np.asarray(jax.jit(jax.vmap(f, in_axes=(0, None)))(th, z0))
-    np.testing.assert_allclose(bz, np.asarray(vmf(th, jnp.full_like(zs, z0))), rtol=1e-5)
-    per_chain = np.asarray(jax.jit(jax.vmap(jax.vmap(f, in_axes=(0, None))))(
-        th.reshape(3, 4, 12), zs[:3]))
-    expect = np.asarray(vmf(th, jnp.repeat(zs[:3], 4))).reshape(3, 4, -1)
-    np.testing.assert_allclose(per_chain, expect, rtol=1e-5)
+
+    @jax.jit
+    def batched(th, zs):
+        """Each vmap variant (and its reference) as written, in one compiled program (each
+        transform is traced separately; one compilation instead of six)."""
+        vmf = jax.vmap(f)
+        return dict(
+            vm=vmf(th, zs),
+            plain=jax.vmap(_plain_kernel(small))(th, zs),
+            nested=jax.vmap(jax.vmap(f))(th.reshape(3, 4, 12), zs.reshape(3, 4)),
+            # z not batched (in_axes None), also inside a nested vmap (one z per chain); the
+            # references are the flat vmap (== model.photometry) at the broadcast redshifts
+            bz=jax.vmap(f, in_axes=(0, None))(th, z0),
+            bz_ref=vmf(th, jnp.full_like(zs, z0)),
+            per_chain=jax.vmap(jax.vmap(f, in_axes=(0, None)))(th.reshape(3, 4, 12), zs[:3]),
+            per_chain_ref=vmf(th, jnp.repeat(zs[:3], 4)).reshape(3, 4, -1))
+
+    r = {k: np.asarray(v) for k, v in batched(th, zs).items()}
+    vm = r["vm"]
+    for other in (batch, single, r["plain"]):
+        np.testing.assert_allclose(vm, other, rtol=1e-5)
+    np.testing.assert_allclose(r["nested"].reshape(n, -1), vm, rtol=1e-5)
+    np.testing.assert_allclose(r["bz"], r["bz_ref"], rtol=1e-5)
+    np.testing.assert_allclose(r["per_chain"], r["per_chain_ref"], rtol=1e-5)
 
 
-def test_vmapped_kernel_uses_the_blocked_path(model):
+def test_vmapped_kernel_uses_the_blocked_path(small):
     """vmap of the kernel traces to the blocked batch (a scan over the n // BLOCK blocks), not
     to a plain vmap of the kernel; nested vmaps fold into one such scan. Tracing only."""
     n = 40 * M.BLOCK + 3  # 40 blocks: longer than any searchsorted scan inside the kernel
@@ -166,37 +199,46 @@ def test_vmapped_kernel_uses_the_blocked_path(model):
     def blocks(jaxpr):
         return re.search(r"length=40\b", str(jaxpr)) is not None
 
-    assert not blocks(jax.make_jaxpr(jax.vmap(_plain_kernel(model)))(th, zs))
-    assert blocks(jax.make_jaxpr(jax.vmap(model.photometry_fn()))(th, zs))
-    nested = jax.make_jaxpr(jax.vmap(jax.vmap(model.photometry_fn())))(
+    assert not blocks(jax.make_jaxpr(jax.vmap(_plain_kernel(small)))(th, zs))
+    assert blocks(jax.make_jaxpr(jax.vmap(small.photometry_fn()))(th, zs))
+    nested = jax.make_jaxpr(jax.vmap(jax.vmap(small.photometry_fn())))(
         th[:-3].reshape(8, -1, 12), zs[:-3].reshape(8, -1))  # 8 x 1280 rows: 40 blocks too
     assert blocks(nested)
 
 
-def test_grad_through_vmapped_kernel(model):
+def test_grad_through_vmapped_kernel(small):
     """grad of a vmapped kernel, vmap of grad and jacfwd equal the plain kernel's derivatives,
     and the vmapped grad equals the unbatched grad galaxy by galaxy."""
     rng = np.random.default_rng(23)
     th = jnp.asarray(_safe_theta(rng, 4), jnp.float32)
     zs = jnp.asarray(rng.uniform(0.02, 0.3, 4), jnp.float32)
-    f, old = model.photometry_fn(), _plain_kernel(model)
+    f, old = small.photometry_fn(), _plain_kernel(small)
 
     def loss(fn):
         return lambda t, z: jnp.sum(jnp.log(jax.vmap(fn)(t, z)))
 
-    g_t, g_z = jax.jit(jax.grad(loss(f), argnums=(0, 1)))(th, zs)
-    o_t, o_z = jax.jit(jax.grad(loss(old), argnums=(0, 1)))(th, zs)
+    grad_one = jax.grad(lambda t, z: jnp.sum(jnp.log(f(t, z))))
+
+    @jax.jit
+    def derivs(th, zs):
+        """Each derivative as written, in one compiled program (one compilation, not six)."""
+        return dict(
+            g=jax.grad(loss(f), argnums=(0, 1))(th, zs),
+            o=jax.grad(loss(old), argnums=(0, 1))(th, zs),
+            per=jax.vmap(grad_one)(th, zs),
+            # the unbatched grad galaxy by galaxy: a scan body sees one galaxy (no vmap rule)
+            one=jax.lax.map(lambda a: grad_one(*a), (th, zs)),
+            jf=jax.vmap(jax.jacfwd(f))(th, zs),
+            jf_old=jax.vmap(jax.jacfwd(old))(th, zs))
+
+    r = derivs(th, zs)
+    (g_t, g_z), (o_t, o_z) = r["g"], r["o"]
     np.testing.assert_allclose(g_t, o_t, rtol=1e-5, atol=1e-6 * float(jnp.abs(o_t).max()))
     np.testing.assert_allclose(g_z, o_z, rtol=1e-5)
-    grad_one = jax.grad(lambda t, z: jnp.sum(jnp.log(f(t, z))))
-    per = jax.jit(jax.vmap(grad_one))(th, zs)
-    g1 = jax.jit(grad_one)
-    one = jnp.stack([g1(t, z) for t, z in zip(th, zs)])
-    for a in (per, one):
+    for a in (r["per"], r["one"]):
         np.testing.assert_allclose(a, o_t, rtol=1e-5, atol=1e-6 * float(jnp.abs(o_t).max()))
-    jf = jax.jit(jax.vmap(jax.jacfwd(f)))(th, zs)
-    np.testing.assert_allclose(jf, jax.jit(jax.vmap(jax.jacfwd(old)))(th, zs), rtol=1e-5,
-                               atol=1e-6 * float(jnp.abs(jf).max()))
+    jf = r["jf"]
+    np.testing.assert_allclose(jf, r["jf_old"], rtol=1e-5, atol=1e-6 * float(jnp.abs(jf).max()))
 
 
 def _safe_theta(rng, n):
@@ -211,16 +253,22 @@ def _safe_theta(rng, n):
 def test_grad_matches_finite_differences():
     """jax.grad of log-photometry w.r.t. all 12 parameters vs central differences (float64)."""
     rng = np.random.default_rng(0)
+    bands = ["sdss_u", "sdss_r", "sdss_z"]  # blue to red; z_max: the tables up to z = 0.08 only
     with jax.enable_x64(True):
-        m = sj.load_model(dtype="float64")
+        m = sj.load_model(filters=bands, dtype="float64", z_max=0.1)
         f = jax.jit(m.photometry_fn())
+
+        def log_f(t, z):
+            return jnp.log(f(t, z))
+
+        # forward and reverse mode in one compiled program (one compilation, not two)
+        jacs = jax.jit(lambda t, z: (jax.jacfwd(log_f)(t, z), jax.jacrev(log_f)(t, z)))
         for th in _safe_theta(rng, 4):
             th = jnp.asarray(th)
             z = jnp.float64(0.08)
-            jac = np.asarray(jax.jacfwd(lambda t: jnp.log(f(t, z)))(th))  # (5, 12)
-            jac_rev = np.asarray(jax.jacrev(lambda t: jnp.log(f(t, z)))(th))
+            jac, jac_rev = (np.asarray(a) for a in jacs(th, z))  # (3, 12) each
             np.testing.assert_allclose(jac, jac_rev, rtol=1e-8, atol=1e-12)
-            fd = np.zeros((5, 12))
+            fd = np.zeros((len(bands), 12))
             for i in range(12):
                 h = 1e-6 * max(1.0, abs(float(th[i])))
                 e = jnp.zeros(12).at[i].set(h)
@@ -228,18 +276,19 @@ def test_grad_matches_finite_differences():
             np.testing.assert_allclose(jac, fd, rtol=2e-4, atol=1e-6 * np.abs(fd).max())
 
 
-def test_grad_through_checked_api():
-    m = sj.load_model()
-    g = jax.grad(lambda t: m.photometry(t, 0.1)[2])(jnp.asarray(THETA0, jnp.float32))
+def test_grad_through_checked_api(small):
+    g = jax.grad(lambda t: small.photometry(t, 0.1)[SMALL_BANDS.index("sdss_r")])(
+        jnp.asarray(THETA0, jnp.float32))
     assert g.shape == (12,) and np.all(np.isfinite(np.asarray(g)))
     assert float(g[0]) > 0  # more mass, more flux
 
 
-def test_float32_matches_float64():
+def test_float32_matches_float64(model):
     rng = np.random.default_rng(21)
-    th = canonical_prior_draws(rng, 40)
-    zs = rng.uniform(0.005, 0.5, 40)
-    f32 = np.asarray(sj.load_model(filters=list(ph.SHIPPED_FILTERS)).photometry(th, zs), float)
+    th = canonical_prior_draws(rng, N_SESSION)
+    zs = rng.uniform(0.005, 0.5, N_SESSION)
+    assert model.filter_names == ph.SHIPPED_FILTERS  # the session model: all shipped bands
+    f32 = np.asarray(model.photometry(th, zs), float)
     with jax.enable_x64(True):
         f64 = np.asarray(sj.load_model(filters=list(ph.SHIPPED_FILTERS), dtype="float64")
                          .photometry(th, zs))

@@ -196,10 +196,13 @@ def model():
 
 def test_simulate_records_floor_in_manifest(model, tmp_path):
     on = N.default_noise_model(calibration_floor=True)
-    r = S.simulate(3, 512, model, noise=on, block=256, out=tmp_path / "on", progress=False)
+    # the default block size: the same compiled kernels as the other SDSS simulations of a test
+    # session (with and without the floor), read back from the compilation cache
+    r = S.simulate(3, 512, model, noise=on, block=S.DEFAULT_BLOCK, out=tmp_path / "on",
+                   progress=False)
     cfg = r.manifest["config"]["noise_model"]
     assert cfg["calibration_floor"] == on.floor_dict()
     assert N.NoiseModel.from_dict(cfg).floor_p_zero == on.floor_p_zero
-    r0 = S.simulate(3, 512, model, block=256, progress=False, out=tmp_path / "off")
+    r0 = S.simulate(3, 512, model, block=S.DEFAULT_BLOCK, progress=False, out=tmp_path / "off")
     assert "calibration_floor" not in r0.manifest["config"]["noise_model"]
     assert r.manifest["config_sha256"] != r0.manifest["config_sha256"]

@@ -10,9 +10,14 @@
   process 0 merges the manifests; then data-parallel training over a mesh spanning both
   processes equals single-device training (skipped if the processes cannot connect).
 
-The subprocesses are started as soon as the module's first test runs and work while the
-in-process tests run; this file is also their entry point (``python test_parallel.py ...``).
-A 1-band model and 256-row blocks keep every compilation small.
+In a plain pytest run the 4-device worker starts with the module's first model, the 1-device
+workers once this process has compiled the programs they share with it (the simulation block,
+the sampler: they read them back from the persistent compilation cache of tests/conftest.py),
+and all work while the in-process tests run. Under pytest-xdist (CI: both cores already busy,
+and this module's tests may be split between the workers) each worker process is started by
+the first test that needs its results instead, so none is started twice or in vain. This file
+is also their entry point (``python test_parallel.py ...``). A 1-band model and 256-row blocks
+keep every compilation small.
 """
 from __future__ import annotations
 
@@ -36,6 +41,9 @@ N_SAMPLES = 24
 MAX_ROWS = 64 * N_SAMPLES  # 64 galaxies per compiled sampling call (one compilation)
 HERE = os.path.abspath(__file__)
 DIST_EXIT_SKIP = 77
+#: start the worker processes early (overlapping this process's tests) in a plain run; under
+#: pytest-xdist only when a test needs them (see the module docstring)
+EAGER_WORKERS = "PYTEST_XDIST_WORKER" not in os.environ
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,15 +316,24 @@ def _env(n_devices):
 
 
 class _Procs:
-    """The worker processes, started together; output goes to log files (no pipe to fill)."""
+    """The worker processes, each started once by :meth:`start`; output goes to log files (no
+    pipe to fill)."""
 
     def __init__(self, root):
         self.root = str(root)
         self.logs = {}
-        self.dev = self._spawn("devices", 4, self.root)
-        self.kill_worker = self._spawn("killed_infer", 1, self.root)
-        port = str(_free_port())
-        self.dist = [self._spawn("distributed", 1, str(i), port, self.root) for i in range(2)]
+        self.dev, self.kill_worker, self.dist = None, None, []
+
+    def start(self, role):
+        if role == "devices" and self.dev is None:
+            self.dev = self._spawn("devices", 4, self.root)
+        elif role == "killed_infer" and self.kill_worker is None:
+            self.kill_worker = self._spawn("killed_infer", 1, self.root)
+        elif role == "distributed" and not self.dist:
+            port = str(_free_port())
+            self.dist = [self._spawn("distributed", 1, str(i), port, self.root)
+                         for i in range(2)]
+        return self
 
     def _spawn(self, role, n_devices, *args):
         log = os.path.join(self.root, f"{role}{'-' + args[0] if role == 'distributed' else ''}"
@@ -341,7 +358,7 @@ class _Procs:
 
     def kill(self):
         for p in [self.dev, self.kill_worker, *self.dist]:
-            if p.poll() is None:
+            if p is not None and p.poll() is None:
                 p.kill()
                 p.wait()
 
@@ -354,7 +371,9 @@ def procs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def model(procs):  # requesting procs first: the workers start before anything compiles here
+def model(procs):
+    if EAGER_WORKERS:  # before anything compiles here (it shares no program with this process)
+        procs.start("devices")
     return _model()
 
 
@@ -371,6 +390,38 @@ def posterior():
 @pytest.fixture(scope="module")
 def catalog(reference):
     return _catalog(reference)
+
+
+@pytest.fixture(scope="module")
+def sampler_compiled(posterior):
+    """The 1-device sampler compiled here (64 rows x N_SAMPLES draws: the shape of every
+    sampling call in this process and in the killed worker, which reads it from the
+    persistent compilation cache)."""
+    import jax
+
+    from sedflow_jax.sbi import sampling as SMP
+
+    x = np.tile(np.array([19.0, 0.05, 0.1], np.float32), (4, 1))
+    SMP.sample_rows(posterior, jax.random.key(0), x, np.arange(4), N_SAMPLES, max_rows=MAX_ROWS)
+
+
+@pytest.fixture(scope="module")
+def early_workers(procs, reference, sampler_compiled):
+    """In a plain run: the 1-device workers start here (after the simulation block and the
+    sampler they share with this process are compiled) and run during the tests that follow."""
+    if EAGER_WORKERS:
+        procs.start("killed_infer")
+        procs.start("distributed")
+
+
+@pytest.fixture(scope="module")
+def killed_worker(procs, sampler_compiled):
+    return procs.start("killed_infer")
+
+
+@pytest.fixture(scope="module")
+def dist_workers(procs, reference):
+    return procs.start("distributed")  # after ``reference``: its simulation block is compiled
 
 
 @pytest.fixture(scope="module")
@@ -524,7 +575,7 @@ def test_hosts_restart_with_another_count(model, reference, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # row-keyed posterior draws
 # ---------------------------------------------------------------------------------------------
-def test_sample_rows_is_row_keyed(posterior, reference):
+def test_sample_rows_is_row_keyed(posterior, reference, early_workers):
     import jax
 
     from sedflow_jax import parallel as par
@@ -537,7 +588,7 @@ def test_sample_rows_is_row_keyed(posterior, reference):
     rows = np.arange(60)
     # one rejection round with rows 0..m-1: exactly posterior.sample_batched's draws
     a = SMP.sample_rows(posterior, key, x, rows, N_SAMPLES, max_rounds=1, max_rows=MAX_ROWS)
-    b = posterior.sample_batched(key, x, N_SAMPLES, max_rounds=1)
+    b = posterior.sample_batched(key, x, N_SAMPLES, max_rounds=1, max_rows=MAX_ROWS)
     for f in ("s", "theta", "acceptance", "n_accepted", "low_acceptance", "ood"):
         np.testing.assert_array_equal(getattr(a, f), getattr(b, f), err_msg=f)
     # full rejection: a row's draws do not depend on the other rows or the grouping
@@ -620,7 +671,8 @@ def test_streaming_infer_chunking_and_formats(infer_reference, posterior, catalo
 def test_streaming_infer_hosts_and_derived(infer_reference, posterior, catalog, model,
                                            tmp_path):
     """Chunks split over two hosts (run one after the other here) assemble to the same file;
-    with a model, derived-property summaries are added (one compilation for all chunks)."""
+    with a model, derived-property summaries are added (one compilation for all chunks: 2
+    chunks of 45 rows, each padded to the same 64-galaxy group)."""
     from sedflow_jax import parallel as par
     from sedflow_jax.sbi import sampling as SMP
     from sedflow_jax.sbi import streaming as ST
@@ -646,7 +698,7 @@ def test_streaming_infer_hosts_and_derived(infer_reference, posterior, catalog, 
     small = catalog[:90]
     out = tmp_path / "derived.h5"
     ST.infer_catalog_streaming(posterior, small, out, model=model, n_derived=6,
-                                **{**kw, "chunk_rows": 40})
+                                **{**kw, "chunk_rows": 45})
     t, _ = _summary(out)
     _assert_tables_equal(t, ref[:90], cols=ref.colnames)
     use = np.asarray(t["flag"]) == 0
@@ -655,7 +707,7 @@ def test_streaming_infer_hosts_and_derived(infer_reference, posterior, catalog, 
         assert np.isnan(t[f"{name}_p50"][~use]).all(), name
 
 
-def test_streaming_infer_survives_sigkill(procs, posterior):
+def test_streaming_infer_survives_sigkill(killed_worker, posterior):
     """A streaming run SIGKILLed at a random moment; the resumed run equals an uninterrupted
     one: every row once, nothing recomputed that was on disk."""
     from sedflow_jax import parallel as par
@@ -663,6 +715,7 @@ def test_streaming_infer_survives_sigkill(procs, posterior):
     from sedflow_jax.sbi import streaming as ST
     from sedflow_jax.sim import simulate as SIM
 
+    procs = killed_worker
     rc, log = procs.wait(procs.kill_worker, 240)
     assert rc == -signal.SIGKILL, f"the worker was not killed (rc={rc}):\n{log[-3000:]}"
     out = os.path.join(procs.root, "killed.h5")
@@ -702,7 +755,7 @@ def _usable_x(catalog, posterior):
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def devices_result(procs):
-    rc, out = procs.wait(procs.dev, 240)
+    rc, out = procs.wait(procs.start("devices").dev, 240)
     assert rc == 0, f"4-device worker failed (rc={rc}):\n{out[-5000:]}"
     with np.load(os.path.join(procs.root, "devices.npz")) as z:
         res = {k: z[k] for k in z.files}
@@ -761,11 +814,12 @@ def test_sharded_sampling_and_inference_equal_single_device(devices_result, post
 # ---------------------------------------------------------------------------------------------
 # two processes through jax.distributed on loopback
 # ---------------------------------------------------------------------------------------------
-def test_two_processes_jax_distributed(procs, reference, fit_reference):
+def test_two_processes_jax_distributed(dist_workers, reference, fit_reference):
     from sedflow_jax.sim import simulate as S
     from sedflow_jax.sim import readers as SR
     from sedflow_jax.sim import layout
 
+    procs = dist_workers
     outs = [procs.wait(p, 240) for p in procs.dist]
     rcs = [rc for rc, _ in outs]
     if DIST_EXIT_SKIP in rcs:

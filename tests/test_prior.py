@@ -10,6 +10,9 @@ from scipy import stats
 from sedflow_jax.sim import prior as P
 
 N = 200_000
+#: the other sample sizes: P.sample compiles once per (prior, n), so the tests share these
+N_MID = 5000
+N_SMALL = 20
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +45,8 @@ def test_names_and_shapes(canon, canon_samples):
     assert len(P.SAMPLING_NAMES) == 11
     assert canon_samples.shape == (N, 12)
     assert canon_samples.dtype == np.float32
-    s = P.sample(jax.random.PRNGKey(0), canon, 7, sampling_space=True)
-    assert s.shape == (7, 11) and s.dtype == jnp.float32
+    s = P.sample(jax.random.PRNGKey(0), canon, N_SMALL, sampling_space=True)
+    assert s.shape == (N_SMALL, 11) and s.dtype == jnp.float32
     z = P.sample_redshift(jax.random.PRNGKey(3), canon, 5)
     assert z.shape == (5,) and z.dtype == jnp.float32
 
@@ -127,11 +130,11 @@ def test_redshift(canon):
                                   lambda: P.provabgs_prior(beta="dirichlet")])
 def test_round_trips(make):
     pr = make()
-    s = P.sample(jax.random.PRNGKey(7), pr, 5000, sampling_space=True)
+    s = P.sample(jax.random.PRNGKey(7), pr, N_MID, sampling_space=True)
     th = P.from_sampling(s)
     np.testing.assert_allclose(P.to_sampling(th), s, atol=2e-5, rtol=1e-4)
     np.testing.assert_allclose(P.from_sampling(P.to_sampling(th)), th, atol=2e-5, rtol=1e-4)
-    cube = jax.random.uniform(jax.random.PRNGKey(8), (5000, 11))
+    cube = jax.random.uniform(jax.random.PRNGKey(8), (N_MID, 11))
     s2 = P.unit_cube_to_sampling(pr, cube)
     np.testing.assert_allclose(P.sampling_to_unit_cube(pr, s2), cube, atol=2e-5)
     assert bool(jnp.all(P.in_support(pr, s2)))
@@ -147,7 +150,7 @@ def test_dirichlet_inverse_cdf_values():
 
 
 def test_support_and_infinities(canon):
-    th = P.sample(jax.random.PRNGKey(9), canon, 1000)
+    th = P.sample(jax.random.PRNGKey(9), canon, N_MID)
     for gd in ("loguniform", "flat"):
         assert bool(jnp.all(jnp.isfinite(P.log_prob(canon, th, gd))))
         s = P.to_sampling(th)
@@ -193,7 +196,7 @@ def test_log_prob_values(canon):
 def test_log_prob_change_of_variables(make):
     """log p(theta) = log p_s(to_sampling(theta)) + log|det d s/d theta_free| (jax.jacobian)."""
     pr = make()
-    th = P.sample(jax.random.PRNGKey(11), pr, 20)
+    th = P.sample(jax.random.PRNGKey(11), pr, N_MID)[:N_SMALL]  # (the sample shape compiled once)
 
     def s_of_free(free):  # free: 11 = theta without beta4
         full = jnp.concatenate([free[:4], 1.0 - free[1:4].sum(keepdims=True), free[4:]])
@@ -211,7 +214,7 @@ def test_log_prob_change_of_variables(make):
 
 def test_flat_vs_loguniform_jacobian():
     for pr in (P.provabgs_prior(), P.default_nmf_prior()):
-        s = P.sample(jax.random.PRNGKey(12), pr, 50_000, sampling_space=True)
+        s = P.sample(jax.random.PRNGKey(12), pr, N, sampling_space=True)
         lo, hi = pr.gamma
         g = 10.0 ** np.asarray(s[:, 6:8], dtype=np.float64)
         # gamma only (tburst density pinned): flat - loguniform = sum_k log(g_k ln10 (log10 hi - log10 lo) / (hi - lo))
@@ -225,20 +228,21 @@ def test_flat_vs_loguniform_jacobian():
         assert w.mean() == pytest.approx(1.0, abs=6 * w.std() / math.sqrt(len(w)))
     # default_nmf: 'flat' also flattens tburst (PROVABGS MCMC) by default
     pr = P.default_nmf_prior()
-    s = P.sample(jax.random.PRNGKey(13), pr, 10, sampling_space=True)
+    s = P.sample(jax.random.PRNGKey(13), pr, N_MID, sampling_space=True)[:10]
     d = (P.log_prob_sampling(pr, s, "flat") - P.log_prob_sampling(pr, s, "flat", tburst_density="loguniform"))
     t = np.asarray(s[:, 5], np.float64)
     np.testing.assert_allclose(d, np.log(t * math.log(13.27 / 0.01) / 13.26), atol=2e-4)
 
 
 def test_jit_vmap_and_static_prior(canon):
-    th = P.sample(jax.random.PRNGKey(14), canon, 100)
+    th = P.sample(jax.random.PRNGKey(14), canon, N_SMALL)
     f = jax.jit(P.log_prob, static_argnums=(2,))
     np.testing.assert_allclose(f(canon, th, "flat"), P.log_prob(canon, th, "flat"), rtol=1e-5, atol=1e-5)
     g = jax.jit(jax.vmap(lambda t: P.log_prob(canon, t)))
     np.testing.assert_allclose(g(th), P.log_prob(canon, th), rtol=1e-5, atol=1e-5)
     js = jax.jit(P.sample, static_argnums=(2,))
-    np.testing.assert_allclose(js(jax.random.PRNGKey(0), canon, 10), P.sample(jax.random.PRNGKey(0), canon, 10), rtol=1e-5)
+    np.testing.assert_allclose(js(jax.random.PRNGKey(0), canon, N_SMALL),
+                               P.sample(jax.random.PRNGKey(0), canon, N_SMALL), rtol=1e-5)
     # gradients of the log density are finite inside the support
     grad = jax.grad(lambda t: P.log_prob(canon, t))(th[0])
     assert bool(jnp.all(jnp.isfinite(grad)))

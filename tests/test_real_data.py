@@ -21,6 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 CATALOG = ROOT / "examples" / "data" / "sdss_main_10k.fits"
 SDSS = ("sdss_u", "sdss_g", "sdss_r", "sdss_i", "sdss_z")
 KW = dict(vector_flux="MODELFLUX", vector_ivar="MODELFLUX_IVAR", z_col="Z")
+#: draws per galaxy, in the example run and in the tests that reuse its model: the 60- and the
+#: 40-row catalogs then sample in the same padded group shape (one compiled sampler, also the
+#: one of test_theta_space's CLI model: same flow size, 100 draws in groups of 64)
+N_SAMPLES = 100
 
 pytestmark = pytest.mark.skipif(not CATALOG.exists(), reason="real SDSS catalog not present")
 
@@ -118,7 +122,8 @@ def test_extinction_correction_in_reader():
 @pytest.fixture(scope="module")
 def example_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("real_sdss")
-    table, rep = _example().main(["--n-galaxies", "60", "--n-samples", "200", "--n-derived", "40",
+    table, rep = _example().main(["--n-galaxies", "60", "--n-samples", str(N_SAMPLES),
+                                  "--n-derived", "40",
                                   "--train-rows", "30000", "--max-epochs", "8", "--blocks", "2",
                                   "--hidden", "48", "--out", str(out)])
     return out, table, rep
@@ -148,7 +153,7 @@ def test_infer_catalog_never_fits_bad_rows(example_run, bad_catalog):
     out, _, _ = example_run
     post = AmortizedPosterior.load(out / "work" / "model")
     assert post.mask_aware and post.support is not None
-    res = INF.infer_catalog(post, bad_catalog, n_samples=20, derived=False, **KW)
+    res = INF.infer_catalog(post, bad_catalog, n_samples=N_SAMPLES, derived=False, **KW)
     t, rep = res.table, res.report
     assert not t["fit"][3] and t["flag"][3] & C.FLAG_TOO_FEW_BANDS
     assert np.isnan(t["logmstar_p50"][3])
@@ -166,8 +171,9 @@ def test_infer_catalog_never_fits_bad_rows(example_run, bad_catalog):
                                post.bands, post.x_lo, post.x_hi,
                                meta={"support": post.meta["support"]})
     with pytest.raises(ValueError, match="mask-aware"):
-        INF.infer_catalog(plain, bad_catalog, n_samples=20, derived=False, noise_policy="mask", **KW)
-    rp = INF.infer_catalog(plain, bad_catalog, n_samples=20, derived=False, **KW)
+        INF.infer_catalog(plain, bad_catalog, n_samples=N_SAMPLES, derived=False,
+                          noise_policy="mask", **KW)
+    rp = INF.infer_catalog(plain, bad_catalog, n_samples=N_SAMPLES, derived=False, **KW)
     bad_rows = ~C.read_photometry(bad_catalog, SDSS, **KW).mask.all(1)
     assert not np.any(np.asarray(rp.table["fit"])[bad_rows])
     assert rp.report["n_rows_not_fit"] >= bad_rows.sum()
@@ -181,14 +187,14 @@ def test_noise_outside_training_support_is_masked_or_flagged(example_run, bad_ca
     iv[10, 2] *= 1e-8  # r-band sigma 10^4 x larger than the catalog's: no training row like it
     iv[11, :] *= 1e-8  # every band: nothing left to fit from
     t["MODELFLUX_IVAR"] = iv
-    res = INF.infer_catalog(post, t, n_samples=20, derived=False, noise_policy="mask", **KW)
+    res = INF.infer_catalog(post, t, n_samples=N_SAMPLES, derived=False, noise_policy="mask", **KW)
     bf = np.asarray(res.table["band_flag_sdss_r"])
     assert bf[10] & C.BAND_NOISE_OOS and res.table["fit"][10]
     assert res.table["n_bands_used"][10] == 4
     assert not res.table["fit"][11] and res.table["flag"][11] & C.FLAG_TOO_FEW_BANDS
-    rf = INF.infer_catalog(post, t, n_samples=20, derived=False, noise_policy="flag", **KW)
+    rf = INF.infer_catalog(post, t, n_samples=N_SAMPLES, derived=False, noise_policy="flag", **KW)
     assert not rf.table["fit"][10] and rf.table["flag"][10] & C.FLAG_NOISE_OOS
     assert rf.report["row_flag_counts"]["outside training support"] >= 2
-    ro = INF.infer_catalog(post, t, n_samples=20, derived=False, noise_policy="ood", **KW)
+    ro = INF.infer_catalog(post, t, n_samples=N_SAMPLES, derived=False, noise_policy="ood", **KW)
     assert ro.table["fit"][10] and ro.table["ood"][10] and ro.table["n_bands_used"][10] == 5
     assert INF.noise_ood_rows(ro.photometry)[10] and not ro.table["flag"][10]

@@ -31,7 +31,8 @@ def flat_logit(tmp_path_factory):
     x = np.column_stack([rng.normal(18, 1, (n, 5)), rng.uniform(0.01, 0.1, (n, 5)),
                          rng.uniform(0.01, 0.2, n)]).astype(np.float32)
     fc = F.FlowConfig.small(11, 11, seed=0).replace(n_blocks=3, hidden=32)
-    tc = T.TrainConfig(seed=0, batch_size=256, learning_rate=2e-3, patience=5, max_epochs=25,
+    # 7,200 training rows = 30 batches of 240: every batch full, one compiled training step
+    tc = T.TrainConfig(seed=0, batch_size=240, learning_rate=2e-3, patience=5, max_epochs=25,
                        progress=False)
     out = tmp_path_factory.mktemp("logit") / "model"
     post, _ = train_posterior(dict(theta=theta, x=x), out, flow_config=fc, train_config=tc,
@@ -91,7 +92,7 @@ def test_logit_posterior_saves_and_loads(flat_logit):
     post, out, x = flat_logit
     back = AmortizedPosterior.load(out)
     assert back.theta_space == "logit"
-    s = np.asarray(P.sample_sampling(jax.random.key(6), post.prior, 5))
+    s = np.asarray(P.sample_sampling(jax.random.key(6), post.prior, 6))  # shapes as above
     np.testing.assert_array_equal(np.asarray(back.log_prob(s, x[0])),
                                   np.asarray(post.log_prob(s, x[0])))
     with pytest.raises(ValueError, match="theta_space"):
@@ -103,15 +104,20 @@ def test_cli_train_logit_with_band_dropout_then_infer(tmp_path):
     from astropy.table import Table
 
     from sedflow_jax import cli
+    from sedflow_jax.sim.noise import default_noise_model
 
     d, m = tmp_path / "data", tmp_path / "model"
     assert cli.main(["simulate", "--n", "8000", "--seed", "7", "--out", str(d), "--quiet"]) == 0
+    # the flow, optimizer and sampling shapes of test_real_data's example model (2 x 48, batch
+    # 512, lr 1e-3; 100 draws in groups of 64): the session's compilation cache serves both
     assert cli.main(["train", "--data", str(d), "--out", str(m), "--blocks", "2", "--hidden",
-                     "32", "--max-epochs", "3", "--theta-space", "logit", "--band-dropout", "0.5",
-                     "--quiet"]) == 0
+                     "48", "--lr", "1e-3", "--max-epochs", "3", "--theta-space", "logit",
+                     "--band-dropout", "0.5", "--quiet"]) == 0
     post = AmortizedPosterior.load(m)
     assert post.theta_space == "logit" and post.mask_aware
-    cat = sj.mock_catalog(5, 10)
+    # mocks drawn like the training set (`sedflow-jax simulate` adds the calibration floor by
+    # default): one compiled simulation kernel for both
+    cat = sj.mock_catalog(5, 10, noise=default_noise_model(calibration_floor=True))
     cat["flux_sdss_u"][0] = np.nan  # masked band: fit from g r i z
     cat.write(tmp_path / "cat.fits")
     out = tmp_path / "post.fits"

@@ -45,7 +45,8 @@ def _sbc_pvalues(samples, truth, n_bins=10):
 def trained():
     theta, x = _linear_gaussian(12000, seed=0)
     fcfg = F.FlowConfig.small(2, 3, hidden=48, n_blocks=4)
-    tcfg = T.TrainConfig(batch_size=256, learning_rate=2e-3, max_epochs=60, patience=8,
+    # 10,800 training rows = 45 batches of 240: every batch full, one compiled training step
+    tcfg = T.TrainConfig(batch_size=240, learning_rate=2e-3, max_epochs=60, patience=8,
                          progress=False)
     return T.fit(0, tcfg, fcfg, (theta, x))
 
@@ -89,7 +90,8 @@ def test_early_stopping_restores_best(tmp_path):
     rng = np.random.default_rng(1)
     theta = rng.normal(size=(240, 2)).astype(np.float32)  # independent of x: pure overfitting
     x = rng.normal(size=(240, 2)).astype(np.float32)
-    tcfg = T.TrainConfig(batch_size=32, learning_rate=1e-2, patience=2, max_epochs=200,
+    # 180 training rows = 5 batches of 36 (one compiled training step)
+    tcfg = T.TrainConfig(batch_size=36, learning_rate=1e-2, patience=2, max_epochs=200,
                          val_fraction=0.25, progress=False)
     fcfg = F.FlowConfig.small(2, 2, hidden=64, n_blocks=3)
     res = T.fit(3, tcfg, fcfg, (theta, x))
@@ -107,6 +109,11 @@ def test_early_stopping_restores_best(tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+#: the small problems below all have 600 rows: 540 training rows = 9 batches of SMALL_BATCH and
+#: 60 validation rows, so their fits share one compiled training step and one evaluation
+SMALL_BATCH = 60
+
+
 def _small_problem(n=600, seed=5):
     theta, x = _linear_gaussian(n, seed)
     return theta, x, F.FlowConfig.small(2, 3, hidden=16, n_blocks=2)
@@ -116,7 +123,8 @@ def test_checkpoint_roundtrip_identical_log_prob(tmp_path):
     theta, x, fcfg = _small_problem()
     for bn in (False, True):
         d = tmp_path / f"ck_bn{bn}"
-        tcfg = T.TrainConfig(batch_size=64, max_epochs=2, progress=False, checkpoint_dir=str(d))
+        tcfg = T.TrainConfig(batch_size=SMALL_BATCH, max_epochs=2, progress=False,
+                             checkpoint_dir=str(d))
         res = T.fit(0, tcfg, fcfg.replace(batch_norm=bn), (theta, x))
         loaded = CK.load_flow(d)
         assert loaded.config == res.flow.config and loaded.permutations == res.flow.permutations
@@ -136,15 +144,15 @@ def test_checkpoint_roundtrip_identical_log_prob(tmp_path):
     # a bare save (no optimizer state) loads too
     CK.save_checkpoint(tmp_path / "bare", res.flow)
     np.testing.assert_array_equal(np.asarray(F.log_prob(CK.load_flow(tmp_path / "bare"),
-                                                         theta[:5], x[:5])),
-                                  np.asarray(F.log_prob(res.flow, theta[:5], x[:5])))
+                                                         theta[:50], x[:50])),
+                                  np.asarray(F.log_prob(res.flow, theta[:50], x[:50])))
 
 
 def test_corrupt_or_incompatible_checkpoint_errors(tmp_path):
     theta, x, fcfg = _small_problem()
     d = tmp_path / "ck"
-    T.fit(0, T.TrainConfig(batch_size=64, max_epochs=1, progress=False, checkpoint_dir=str(d)),
-          fcfg, (theta, x))
+    T.fit(0, T.TrainConfig(batch_size=SMALL_BATCH, max_epochs=1, progress=False,
+                           checkpoint_dir=str(d)), fcfg, (theta, x))
     with pytest.raises(ValueError, match="d_theta"):
         CK.load_flow(d, config=fcfg.replace(d_theta=3))
     with pytest.raises(ValueError, match="d_theta"):
@@ -216,9 +224,9 @@ def test_npz_shards_stream_every_row_once_and_stats(tmp_path):
 def test_resume_equals_uninterrupted(tmp_path):
     """6 epochs straight == 3 epochs, 'kill', resume for 3 more: identical losses and weights.
     Uses the streaming shard source."""
-    theta, x, fcfg = _small_problem(n=900)
-    src = TD.NpzShards(_write_shards(tmp_path, theta, x, [400, 300, 200]))
-    base = T.TrainConfig(batch_size=64, patience=50, progress=False)
+    theta, x, fcfg = _small_problem()
+    src = TD.NpzShards(_write_shards(tmp_path, theta, x, [250, 200, 150]))
+    base = T.TrainConfig(batch_size=SMALL_BATCH, patience=50, progress=False)
     full = T.fit(11, base.replace(max_epochs=6, checkpoint_dir=str(tmp_path / "a")), fcfg, src)
     ck_b = str(tmp_path / "b")
     part = T.fit(11, base.replace(max_epochs=3, checkpoint_dir=ck_b), fcfg, src)
@@ -246,8 +254,9 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 
 def test_fit_accepts_key_and_validates_dims():
-    theta, x, fcfg = _small_problem(n=200)
-    res = T.fit(jax.random.PRNGKey(4), T.TrainConfig(batch_size=64, max_epochs=1, progress=False),
+    theta, x, fcfg = _small_problem()
+    res = T.fit(jax.random.PRNGKey(4), T.TrainConfig(batch_size=SMALL_BATCH, max_epochs=1,
+                                                     progress=False),
                 fcfg, {"theta": theta, "x": x})
     assert res.epochs == 1 and np.isfinite(res.best_val_loss)
     with pytest.raises(ValueError, match="do not match"):

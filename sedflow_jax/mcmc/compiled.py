@@ -58,28 +58,29 @@ def target_key(target: Target) -> tuple:
 
 def _batched_log_density(target: Target):
     def build():
-        f = jax.vmap(target.log_density, in_axes=(0, None))
-
-        @jax.jit
-        def run(x, data):
-            return jax.lax.map(lambda xb: f(xb, data), x)  # x: (n_batches, batch, d)
-
-        return run
+        return jax.jit(jax.vmap(target.log_density, in_axes=(0, None)))  # x: (EVAL_BLOCK, d)
 
     return COMPILED.get(("logp",) + target_key(target), build)
 
 
-def evaluate_log_density(target: Target, x, batch: int = 2048) -> np.ndarray:
-    """log density of points x (..., d) (numpy float64; -inf outside; batched jit)."""
+#: rows per compiled call of :func:`evaluate_log_density`: every number of points pads to whole
+#: blocks of this size, so one program per target serves them all (the SED-model log density
+#: takes seconds to compile; a program per array shape recompiled it for every new count)
+EVAL_BLOCK = 256
+
+
+def evaluate_log_density(target: Target, x, batch: int = EVAL_BLOCK) -> np.ndarray:
+    """log density of points x (..., d) (numpy float64; -inf outside; batched jit, ``batch``
+    rows per compiled call)."""
     x = np.asarray(x, np.float32)
     shape = x.shape[:-1]
     flat = x.reshape(-1, target.dim)
     n = flat.shape[0]
     if n == 0:
         return np.zeros(shape)
-    b = min(batch, n)
+    b = int(batch)
     nb = -(-n // b)
     pad = np.concatenate([flat, np.repeat(flat[-1:], nb * b - n, axis=0)])
-    out = np.asarray(_batched_log_density(target)(pad.reshape(nb, b, target.dim), target.data))
-    return out.reshape(-1)[:n].astype(np.float64).reshape(shape)
-
+    f = _batched_log_density(target)
+    out = [f(blk, target.data) for blk in pad.reshape(nb, b, target.dim)]  # dispatched async
+    return np.concatenate([np.asarray(o) for o in out])[:n].astype(np.float64).reshape(shape)
