@@ -317,7 +317,7 @@ def test_batch_norm_flow_train_and_eval_modes():
 
 
 def test_init_flow_validates_inputs():
-    cfg = F.FlowConfig.small(3, 2, hidden=8)
+    cfg = F.FlowConfig.small(3, 2, hidden=16)  # the shapes of test_identity_at_init (compiled)
     with pytest.raises(ValueError, match="theta_train"):
         F.init_flow(None, cfg, np.zeros((10, 4)), np.zeros((10, 2)))
     with pytest.raises(ValueError, match="needs theta_train"):
