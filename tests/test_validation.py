@@ -13,8 +13,10 @@ from sedflow_jax.sim import prior as P
 
 
 def test_validate_writes_figures_and_summary(tmp_path):
-    sj.simulate(5, 20_000, out=tmp_path / "ts", progress=False)
-    fc = F.FlowConfig.small(11, 11).replace(n_blocks=2, hidden=48)
+    # the training set and quick flow of examples/batch_inference.py (test_batch_inference: the
+    # same rows, flow and optimizer, so the session's compilation cache serves its programs)
+    sj.simulate(0, 20_000, out=tmp_path / "ts", progress=False)
+    fc = F.FlowConfig.small(11, 11).replace(n_blocks=3, hidden=64)
     post, _ = sj.train_posterior(str(tmp_path / "ts"), tmp_path / "m", flow_config=fc,
                                  train_config=T.TrainConfig(max_epochs=8, patience=3,
                                                             progress=False))
