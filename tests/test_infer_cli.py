@@ -233,6 +233,14 @@ def test_bad_sizes_and_unknown_keep_columns(setup, tmp_path, capsys, stream, ext
 EXACT = ["--exact", "--is-n-initial", 64, "--is-n-max", 256, "--target-ess", 40]
 
 
+def _decode_text(*tables):
+    """Text columns (is_reason: bytes in FITS and HDF5) as str, in place."""
+    for tab in tables:
+        for c in tab.colnames:
+            if tab[c].dtype.kind == "S":
+                tab[c] = np.char.decode(np.asarray(tab[c]), "utf-8")
+
+
 def test_exact_columns_samples_and_stream_equal_plain(setup, tmp_path):
     """``--exact`` (mask-aware model, S/N floor masking row 3's r band): the is_* columns, the
     summaries are percentiles of the resampled draws written to --samples, is_flag says
@@ -270,10 +278,7 @@ def test_exact_columns_samples_and_stream_equal_plain(setup, tmp_path):
     assert np.sum(np.abs(filled(t["logmstar_p50"]) - filled(amortized["logmstar_p50"]))[both]
                   > 1e-4) >= 30
     stream = _stream(setup, "masked", opts, "exact_stream")
-    for tab in (t, stream):  # FITS and HDF5 hold the reasons as bytes
-        for c in tab.colnames:
-            if tab[c].dtype.kind == "S":
-                tab[c] = np.char.decode(np.asarray(tab[c]), "utf-8")
+    _decode_text(t, stream)
     flagged = fit & (np.asarray(t["is_flag"]) == 1)
     assert all(len(r) > 0 for r in np.asarray(t["is_reason"])[flagged])  # says why
     _assert_same(t, stream)
@@ -315,10 +320,7 @@ def test_refine_replaces_flagged_draws_by_mcmc_and_stream_equals_plain(setup, tm
     h5 = tmp_path / "ref.h5"
     assert _main(["infer", *ref, "--stream", "--chunk-rows", 2, "--quiet", "--out", h5]) == 0
     st = ST.read_inference(h5)[0]
-    for tab in (b, st):
-        for c in tab.colnames:
-            if tab[c].dtype.kind == "S":
-                tab[c] = np.char.decode(np.asarray(tab[c]), "utf-8")
+    _decode_text(b, st)
     _assert_same(b, st)
     capsys.readouterr()
     assert _main(["infer", "--model", setup["masked"], "--catalog", cat, *BASE, "--refine",

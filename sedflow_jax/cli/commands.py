@@ -20,7 +20,8 @@ from sedflow_jax.nn import train as T
 from sedflow_jax.sbi.defaults import load_posterior
 from sedflow_jax.sbi.training import train_posterior
 from sedflow_jax.sed.params import PARAM_NAMES
-from sedflow_jax.sed.units import AB_FNU_CGS, C_ANGSTROM_S, NMGY_ZERO_POINT
+from sedflow_jax.sed.units import (AB_FNU_CGS, C_ANGSTROM_S, GALEX_BANDS, NMGY_ZERO_POINT,
+                                   SDSS_BANDS)
 from sedflow_jax.sim import prior as P
 from sedflow_jax.sim import simulate as S
 from sedflow_jax.sim.layout import n_bands_from_x
@@ -84,8 +85,7 @@ def provenance(model):
 def cmd_example(a):
     """The main job for now: SED, photometry and derived properties of an example galaxy."""
     out = out_dir(a.out, a.overwrite)
-    a.filters = a.filters or ["galex_fuv", "galex_nuv", "sdss_u", "sdss_g", "sdss_r", "sdss_i",
-                              "sdss_z"]
+    a.filters = a.filters or list(GALEX_BANDS + SDSS_BANDS)
     write_config(out, a)
     model = load_model(a)
     theta = np.asarray(a.theta or EXAMPLE_THETA, float)

@@ -41,12 +41,11 @@ REPO = HERE.parents[1]
 if str(REPO) not in sys.path:  # allow running from a checkout without installing
     sys.path.insert(0, str(REPO))
 
-from sedflow_jax.sed.units import GALEX_A_OVER_EBV, GALEX_ZP, SFD_AR_OVER_EBV  # noqa: E402
+from sedflow_jax.sed.units import (GALEX_A_OVER_EBV, GALEX_BANDS, GALEX_ZP,  # noqa: E402
+                                   SDSS_BANDS, SFD_AR_OVER_EBV)
 from sedflow_jax.sim.noise_fit import fit_noise_model, plot_noise_model  # noqa: E402
 from sedflow_jax.util import sha256_file  # noqa: E402
 
-SDSS_BANDS = ("sdss_u", "sdss_g", "sdss_r", "sdss_i", "sdss_z")
-GALEX_BANDS = ("galex_fuv", "galex_nuv")
 ZRANGE = (0.01, 0.2)
 
 

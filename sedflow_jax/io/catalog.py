@@ -35,6 +35,7 @@ from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
+from ..sed.units import GALEX_BANDS, SDSS_BANDS
 
 FLAG_NONFINITE = 1  # NaN / inf flux, ivar or z
 FLAG_NONPOSITIVE_FLUX = 2  # flux <= 0: no magnitude
@@ -71,9 +72,8 @@ DEFAULT_SENTINELS = (-9999.0, -999.0, -99.0)
 BAND_ALIASES = {"fuv": "galex_fuv", "nuv": "galex_nuv", "u": "sdss_u", "g": "sdss_g",
                 "r": "sdss_r", "i": "sdss_i", "z": "sdss_z"}
 #: NSA's band order (NMGY, NMGY_IVAR, EXTINCTION: F N u g r i z)
-NSA_BANDS = ("galex_fuv", "galex_nuv", "sdss_u", "sdss_g", "sdss_r", "sdss_i", "sdss_z")
-#: SDSS's band order (MODELFLUX, MODELFLUX_IVAR, EXTINCTION)
-SDSS_BANDS = ("sdss_u", "sdss_g", "sdss_r", "sdss_i", "sdss_z")
+NSA_BANDS = GALEX_BANDS + SDSS_BANDS
+# SDSS's band order (MODELFLUX, MODELFLUX_IVAR, EXTINCTION) is SDSS_BANDS
 #: the bands :func:`catalog_bands` looks for by default
 KNOWN_BANDS = NSA_BANDS
 #: vector columns recognised by name: (flux, ivar, band of each element, apply EXTINCTION?)

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import jax
 import numpy as np
 
-from ..util import as_key
+from ..util import as_key, key_parts
 from .galaxy import galaxy_target
 from .runners import run_sampler
 
@@ -81,10 +80,9 @@ class Refiner(NamedTuple):
         target = galaxy_target(self.model, np.asarray(flux, np.float64),
                                np.asarray(sigma, np.float64), float(z), mask=mask, prior=prior,
                                gamma_density=self.gamma_density)
-        key = as_key(key)
-        seed = np.asarray(jax.random.key_data(key)).ravel().tolist()
-        starts = distinct_starts(np.random.default_rng(seed), draws, int(self.num_chains),
-                                 target.low, target.high)
+        _, kdata, _, key = key_parts(as_key(key))
+        starts = distinct_starts(np.random.default_rng(kdata.ravel().tolist()), draws,
+                                 int(self.num_chains), target.low, target.high)
         res = run_sampler(key, target, self.sampler, num_chains=int(self.num_chains),
                           num_warmup=int(self.num_warmup), num_samples=int(self.num_samples),
                           init=starts, log_density=False)

@@ -22,10 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .units import AB_FNU_CGS, C_ANGSTROM_S, MPC_CM
+from .units import AB_FNU_CGS, C_ANGSTROM_S, GALEX_BANDS, MPC_CM, SDSS_BANDS
 
-SHIPPED_FILTERS = ("sdss_u", "sdss_g", "sdss_r", "sdss_i", "sdss_z", "galex_fuv", "galex_nuv")
-DEFAULT_FILTERS = ("sdss_u", "sdss_g", "sdss_r", "sdss_i", "sdss_z")
+SHIPPED_FILTERS = SDSS_BANDS + GALEX_BANDS
+DEFAULT_FILTERS = SDSS_BANDS
 
 
 class FilterError(ValueError):

@@ -19,6 +19,10 @@ LSUN_DSPS_CGS = 3.828e33  # dsps.constants.L_SUN_CGS (IAU 2015 nominal)
 MAG_PER_LN = 2.5 / math.log(10.0)
 #: AB magnitude of one nanomaggy
 NMGY_ZERO_POINT = 22.5
+#: band names of SDSS ugriz and GALEX (FUV, NUV) (the shipped filter curves; SDSS's MODELFLUX
+#: order)
+SDSS_BANDS = ("sdss_u", "sdss_g", "sdss_r", "sdss_i", "sdss_z")
+GALEX_BANDS = ("galex_fuv", "galex_nuv")
 #: GALEX zero points (FUV, NUV): AB mag of 1 count/s; nanomaggies = counts/s x 10**(0.4 (22.5 - ZP))
 GALEX_ZP = (18.82, 20.08)
 #: Galactic extinction A_band / E(B-V) for GALEX (FUV, NUV), Wyder et al. 2007

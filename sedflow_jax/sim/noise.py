@@ -73,7 +73,7 @@ __all__ = [
     "DEFAULT_TABLES",
 ]
 
-from ..sed.units import MAG_PER_LN
+from ..sed.units import GALEX_BANDS, MAG_PER_LN, SDSS_BANDS
 _FORMAT = "sedflow_jax.noise_model"
 _VERSION = 2  # newest readable; tables are written as version 1 unless they carry a floor
 _FLOOR_VERSION = 2  # written with a calibration floor, so older readers refuse, not ignore, it
@@ -82,10 +82,9 @@ _PAD_STEP = 1.0  # dex between padded (dummy) bin centres; values there repeat t
 
 #: shipped tables (package data) and the bands each holds
 DEFAULT_TABLES = {
-    "noise_sdss_ugriz.json": ("sdss_u", "sdss_g", "sdss_r", "sdss_i", "sdss_z"),
-    "noise_galex_fuv_nuv.json": ("galex_fuv", "galex_nuv"),
+    "noise_sdss_ugriz.json": SDSS_BANDS,
+    "noise_galex_fuv_nuv.json": GALEX_BANDS,
 }
-_SDSS_BANDS = DEFAULT_TABLES["noise_sdss_ugriz.json"]
 
 #: recommended calibration-floor ranges [mag]: c_b ~ U(0, max_b) on a floor-on row. They cover
 #: the NSA's NMGY_IVAR floors (u 0.05, griz 0.02-0.03) and SDSS's ~2 % (u) / ~1 % (griz)
@@ -563,7 +562,7 @@ def with_calibration_floor(noise: NoiseModel, floor_mag_max=None,
                                floor_p_zero=float(p_zero))
 
 
-def default_noise_model(bands: Sequence[str] = _SDSS_BANDS, *,
+def default_noise_model(bands: Sequence[str] = SDSS_BANDS, *,
                         calibration_floor: bool = False) -> NoiseModel:
     """The shipped noise model for ``bands`` (default SDSS ugriz), in that order.
 

@@ -55,7 +55,8 @@ from sedflow_jax.sbi.posterior import AmortizedPosterior  # noqa: E402
 from sedflow_jax.sbi.training import train_posterior  # noqa: E402
 from sedflow_jax.sed.model import load_model  # noqa: E402
 from sedflow_jax.sed.params import SAMPLING_NAMES  # noqa: E402
-from sedflow_jax.sed.units import GALEX_A_OVER_EBV, GALEX_ZP, SFD_AR_OVER_EBV  # noqa: E402
+from sedflow_jax.sed.units import (GALEX_A_OVER_EBV, GALEX_ZP, SFD_AR_OVER_EBV,  # noqa: E402
+                                   GALEX_BANDS as GALEX, SDSS_BANDS as SDSS)
 from sedflow_jax.sim import prior as P  # noqa: E402
 from sedflow_jax.sim.layout import to_conditioning  # noqa: E402
 from sedflow_jax.sim.noise import default_noise_model  # noqa: E402
@@ -63,8 +64,6 @@ from sedflow_jax.sim.simulate import simulate  # noqa: E402
 from sedflow_jax.util import atomic_write_json, sha256_file, utc_now, versions  # noqa: E402
 from sedflow_jax.version import __version__  # noqa: E402
 
-SDSS = ("sdss_u", "sdss_g", "sdss_r", "sdss_i", "sdss_z")
-GALEX = ("galex_fuv", "galex_nuv")
 
 #: the shipped models: bands, simulation size and seed, dropout (random + band groups)
 MODELS = {
