@@ -47,7 +47,7 @@ def _run(post, model, flux, sigma, z, mask, a, label):
     kw = dict(n_initial=a.n_initial, n_max=a.n_max, target_ess=a.target_ess, n_out=a.n_out,
               defensive=None if a.defensive == "none" else
               (True if a.defensive == "default" else tuple(map(float, a.defensive.split(",")))),
-              widen=a.widen)
+              widen=a.widen, adapt=a.adapt)
     t = time.perf_counter()
     res = I.sample_exact(post, a.seed, model, flux, sigma, z, mask=mask, **kw)
     dt = time.perf_counter() - t
@@ -122,6 +122,8 @@ def main(argv=None):
     ap.add_argument("--defensive", default="default",
                     help="'default', 'none' (the flow alone) or fractions 'flow,wide,prior'")
     ap.add_argument("--widen", type=float, default=1.5)
+    ap.add_argument("--adapt", type=int, default=None,
+                    help="per-galaxy adaptation rounds (default sbi.importance.DEFAULT_ADAPT)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--real-floor", default=None,
                     help="also run the real galaxies with a calibration floor added to their "
@@ -129,6 +131,10 @@ def main(argv=None):
     ap.add_argument("--catalog", default=str(ROOT / "examples" / "data" / "sdss_main_10k.fits"))
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
+    if a.adapt is None:
+        from sedflow_jax.sbi.importance import DEFAULT_ADAPT
+
+        a.adapt = DEFAULT_ADAPT
 
     import jax
 
@@ -144,7 +150,8 @@ def main(argv=None):
         floor_mag = [float(v) for v in a.real_floor.split(",")]
         sets["real_sdss_with_floor"] = _real(post, a.n, a.catalog, floor_mag)
     f, s, z, m = sets["mock"]
-    warm = argparse.Namespace(**{**vars(a), "n_max": a.n_initial})
+    # the warm-up compiles the first-round and (when the galaxy adapts) the adapted program
+    warm = argparse.Namespace(**{**vars(a), "n_max": 2 * a.n_initial})
     t = time.perf_counter()
     _run(post, model, f[:1], s[:1], z[:1], m[:1], warm, "warm-up")
     compile_s = time.perf_counter() - t

@@ -206,6 +206,65 @@ def test_sed_log_weights_match_an_independent_numpy_computation(setup):
     assert not np.allclose(out3["log_w"], out["log_w"])
 
 
+def test_adapted_round_log_weights_match_numpy_with_the_student_t(setup):
+    """An adapted round: the flow pushing a base-space Student-t forward joins the defensive
+    mixture; its density t(u) |du/dy| (scipy's multivariate t at the flow's u) enters every
+    draw's mixture density."""
+    from scipy import stats
+
+    post, model, gal = setup
+    j = 0
+    flux, sigma, z = gal["flux"][j], gal["sigma"][j], float(gal["z"][j])
+    rng = np.random.default_rng(1)
+    mu = 0.3 * rng.normal(size=11)
+    a = rng.normal(size=(11, 11))
+    chol = np.linalg.cholesky(0.05 * (a @ a.T) / 11 + 0.05 * np.eye(11))
+    out = I.proposal_block(post, 3, model, flux, sigma, z, n=200, widen=1.5, adapted=(mu, chol))
+    n_t, n_f, n_w, n_p = (out[k] for k in ("n_t", "n_flow", "n_wide", "n_prior"))
+    assert n_t == round(I.ADAPT_SHARE * 200) and min(n_f, n_w, n_p) > 0
+    lw_def, lw_flow = _numpy_log_weights(post, model, out["s"], flux, sigma, z,
+                                         np.ones(5, bool), (n_f, n_w, n_p), 1.5)
+    x = to_conditioning(flux[None], sigma[None], np.array([z]))[0]
+    lq1 = np.asarray(post.log_prob(out["s"], x), np.float64)
+    log_pl = lw_flow + lq1  # log prior + log likelihood
+    u = np.asarray(out["u"], np.float64)
+    log_jac = lq1 - stats.multivariate_normal(np.zeros(11), np.eye(11)).logpdf(u)
+    lqt = stats.multivariate_t(mu, chol @ chol.T, df=I.ADAPT_DF).logpdf(u) + log_jac
+    a_t = n_t / (n_t + n_f + n_w + n_p)
+    want = log_pl - np.logaddexp(np.log(a_t) + lqt, np.log(1 - a_t) + log_pl - lw_def)
+    assert np.isfinite(out["log_w"]).all()
+    np.testing.assert_allclose(out["log_w"], want, rtol=2e-5, atol=2e-3)
+    np.testing.assert_allclose(out["log_w_flow"], lw_flow[n_t:n_t + n_f], rtol=2e-5, atol=2e-3)
+    # the t draws come first: their base coordinates scatter around mu, not around 0
+    assert np.linalg.norm(u[:n_t].mean(0) - mu) < np.linalg.norm(u[:n_t].mean(0))
+
+
+def test_fit_student_t_recovers_a_gaussian_and_tempers_few_draws():
+    """Equal weights: the sample mean and covariance; weights on a few draws: tempered so that
+    >= ess_min effective draws set the covariance (a proposal between the old and the target)."""
+    rng = np.random.default_rng(0)
+    d = 11
+    cov = np.diag(np.linspace(0.2, 2.0, d))
+    y = rng.multivariate_normal(np.arange(d) * 0.1, cov, size=20000)
+    mu, chol = I.fit_student_t(y, np.zeros(len(y)), ess_min=100)
+    np.testing.assert_allclose(mu, np.arange(d) * 0.1, atol=0.03)
+    np.testing.assert_allclose(chol @ chol.T, cov, atol=0.06)
+    # weights of a narrow Gaussian target N(0, 0.01 I) against these draws: ESS ~ tens
+    lw = -0.5 * np.sum(y * y, 1) / 0.01 + 0.5 * np.einsum("ni,ij,nj->n", y - np.arange(d) * 0.1,
+                                                          np.linalg.inv(cov),
+                                                          y - np.arange(d) * 0.1)
+    w = np.exp(lw - lw.max())
+    assert (w.sum() ** 2 / (w * w).sum()) < 100
+    mu2, chol2 = I.fit_student_t(y, lw, ess_min=100)
+    var2 = np.diag(chol2 @ chol2.T)
+    # moved toward the target (mean nearer 0, variances below the draws'), not collapsed
+    assert np.linalg.norm(mu2) < np.linalg.norm(np.arange(d) * 0.1)
+    assert np.all(var2 < np.diag(cov)) and np.all(var2 > 0.01 * 0.5)
+    # non-finite weights and too few draws: the base scale
+    mu3, chol3 = I.fit_student_t(y[:5], np.zeros(5))
+    np.testing.assert_array_equal(chol3, np.eye(d))
+
+
 def test_catalog_batch_equals_the_per_galaxy_loop_with_one_compilation(setup):
     post, model, gal = setup
     flux, sigma, z = gal["flux"].copy(), gal["sigma"].copy(), gal["z"].copy()

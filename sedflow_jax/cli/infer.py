@@ -45,7 +45,8 @@ def check_infer_args(a) -> None:
                                ("--chunk-rows", getattr(a, "chunk_rows", 1), 1),
                                ("--target-ess", getattr(a, "target_ess", 1), 1),
                                ("--is-n-initial", getattr(a, "is_n_initial", 10), 10),
-                               ("--refine-steps", getattr(a, "refine_steps", 10), 10)):
+                               ("--refine-steps", getattr(a, "refine_steps", 10), 10),
+                               ("--is-adapt", getattr(a, "is_adapt", 0), 0)):
         if value is not None and value < least:
             raise CLIError(f"{flag} must be >= {least}, got {value}")
     if getattr(a, "exact", False) and a.is_n_max < a.is_n_initial:
@@ -130,8 +131,9 @@ def exact_options(a, post):
         refine = Refiner(model, sampler=a.refine_sampler,
                          num_chains=4 if a.refine_sampler == "nuts" else 30,
                          num_warmup=warm, num_samples=a.refine_steps - warm)
+    adapt = {} if getattr(a, "is_adapt", None) is None else {"adapt": a.is_adapt}
     return ExactOptions(model=model, n_initial=a.is_n_initial, n_max=a.is_n_max,
-                        target_ess=a.target_ess, refine=refine)
+                        target_ess=a.target_ess, refine=refine, **adapt)
 
 
 def print_exact(is_flag, fit) -> None:

@@ -214,6 +214,10 @@ def exact_args(p):
                    help="proposal draws of the first round; doubled until the target (--exact)")
     g.add_argument("--is-n-max", type=int, default=32000,
                    help="most proposal draws per galaxy (--exact); short of the target: is_flag")
+    g.add_argument("--is-adapt", type=int, default=None,
+                   help="rounds of per-galaxy proposal adaptation (a Student-t refitted to the "
+                        "weighted draws; 0 = the flow's defensive mixture only; default "
+                        "sbi.importance.DEFAULT_ADAPT) (--exact)")
     flag(g, "--refine", help="with --exact: rerun each flagged galaxy by short MCMC started "
                              "from its importance draws (columns refined, refine_rhat, "
                              "refine_ess; is_flag 0 when it converged)")

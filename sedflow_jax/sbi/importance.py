@@ -16,17 +16,33 @@ u = T^-1(y)), and the prior. The mixture density ``sum_k a_k q_k(s)`` is evaluat
 every draw (deterministic-mixture / balance-heuristic weights: unbiased, and
 w <= p L / (a_prior p) = L / a_prior, bounded where the flow is too narrow).
 
+Per-galaxy adaptation (population Monte Carlo, Cappe et al. 2004; ``adapt`` refits, default
+:data:`DEFAULT_ADAPT`; 0 = the first-round proposal alone, doubling its draws). The amortized
+flow is wider than the exact posterior of bright photometry (efficiencies of 0.1-2 %), so a galaxy
+that is not trustworthy after the first block fits its own proposal in the flow's base space,
+where the flow has already straightened the posterior's curved shape (as NeuTra, Hoffman et al.
+2019): a multivariate Student-t over the base coordinates u = T^-1(y) (:func:`fit_student_t`:
+mean and covariance of the weighted u, the weights tempered to an ESS of at least
+:data:`ADAPT_ESS_MIN`), pushed through the flow (y = T(u), density t(u) |du/dy|). Each further
+round draws ``n_initial`` from the mixture ``ADAPT_SHARE`` x that + (1 - ``ADAPT_SHARE``) x the
+defensive mixture above (which keeps the weights bounded where the t is too narrow), each draw
+weighted against the mixture of its own round. After each of the first ``adapt`` rounds the t is
+refitted to all adapted draws so far; the estimate pools the adapted rounds' draws (the first
+round only adapts) until they are trustworthy or ``n_max`` is reached. ``n_draws`` counts every
+draw and ``efficiency`` = ESS / ``n_draws`` is the cost of the galaxy.
+
 Weights are Pareto-smoothed (PSIS, Vehtari et al. 2024: a generalized Pareto fit to the
 M = min(N/5, 3 sqrt N) largest weights, which are replaced by its expected order statistics and
 truncated at the largest raw weight; k-hat reported); ESS is Kish's ``(sum w)^2 / sum w^2`` of the
-smoothed weights, efficiency = ESS / N. N adapts per galaxy: blocks of ``n_initial`` draws,
-doubling until ESS >= ``target_ess`` and k-hat < 0.7, or N >= ``n_max``. A galaxy short of that is
+smoothed weights. N adapts per galaxy (blocks of ``n_initial`` draws) until ESS >= ``target_ess``
+and k-hat < 0.7, or N >= ``n_max``. A galaxy short of that is
 flagged (``flag``; ``reason`` says why), never silently reported; one without a usable band, with
 an invalid redshift or context, or whose every draw has a non-finite weight gets NaN summaries.
 
 Draws of catalog row g, block b use the key ``fold_in(fold_in(key, g), b)``; one compiled
-function evaluates ``group`` (galaxy, block) tasks of ``n_initial`` draws each (padded), so a
-catalog costs one compilation whatever its galaxies, and a galaxy's result does not depend on
+function per proposal kind (first round, adapted rounds: their Student-t parameters are inputs)
+evaluates ``group`` (galaxy, block) tasks of ``n_initial`` draws each (padded), so a catalog
+costs two compilations whatever its galaxies, and a galaxy's result does not depend on
 the other rows of the call (:func:`sample_exact` of a catalog = a loop over rows with ``rows=``).
 """
 from __future__ import annotations
@@ -45,13 +61,20 @@ from ..sim import prior as P
 from ..sim.layout import to_conditioning
 from ..util import as_key, key_parts
 
-__all__ = ["DEFAULT_MIX", "K_HAT_MAX", "ISResult", "ExactOptions", "IS_COLUMNS", "kish_ess",
+__all__ = ["DEFAULT_MIX", "DEFAULT_ADAPT", "ADAPT_SHARE", "ADAPT_DF", "K_HAT_MAX", "ISResult", "ExactOptions", "IS_COLUMNS", "kish_ess",
            "psis", "summarize_weights", "adaptive_importance", "sample_exact", "proposal_block",
-           "compiled_block_count", "sample_exact_rows", "refine_flagged", "REFINE_COLUMNS"]
+           "compiled_block_count", "fit_student_t", "sample_exact_rows", "refine_flagged", "REFINE_COLUMNS"]
 
 #: default defensive mixture fractions (flow, widened flow, prior) and base widening factor
 DEFAULT_MIX = (0.75, 0.2, 0.05)
 DEFAULT_WIDEN = 1.5
+#: per-galaxy adaptation: rounds by default, the Student-t's share of an adapted block's draws
+#: (the rest: the defensive mixture) and its degrees of freedom
+DEFAULT_ADAPT = 8
+ADAPT_SHARE = 0.8
+ADAPT_DF = 5.0
+#: the effective draws a refit's (tempered) weights keep at least
+ADAPT_ESS_MIN = 100.0
 #: PSIS reliability threshold (Vehtari et al. 2024)
 K_HAT_MAX = 0.7
 _LOG2PI = math.log(2.0 * math.pi)
@@ -195,20 +218,21 @@ def _grow(n_blocks: int, max_blocks: int) -> int:
 
 
 def adaptive_importance(block_fn, rows, *, n_initial: int, n_max: int, target_ess: float,
-                        k_max: float = K_HAT_MAX):
+                        k_max: float = K_HAT_MAX, first_block: int = 0):
     """Adaptive importance sampling of many independent problems.
 
     block_fn(tasks) : tasks a list of (row, block index) -> ``(log_w (T, n_initial), log_w_flow
     (T, n_f) or None, draws (T, n_initial, d))``. Each row starts with one block and doubles its
     draws until the smoothed ESS >= target_ess and k-hat < k_max, or N >= n_max (rounded up to
-    whole blocks). Returns ``{row: (log_w (N,), log_w_flow (N_f,) or None, draws (N, d))}``.
+    whole blocks). Block indices count from ``first_block``. Returns ``{row: (log_w (N,),
+    log_w_flow (N_f,) or None, draws (N, d))}``.
     """
     max_blocks = max(1, math.ceil(n_max / n_initial))
     store = {g: [] for g in rows}
     active = list(rows)
     while active:
-        tasks = [(g, b) for g in active for b in range(len(store[g]), _grow(len(store[g]),
-                                                                              max_blocks))]
+        tasks = [(g, first_block + b) for g in active
+                 for b in range(len(store[g]), _grow(len(store[g]), max_blocks))]
         lw, lwf, draws = block_fn(tasks)
         for t, (g, _) in enumerate(tasks):
             store[g].append((lw[t], None if lwf is None else lwf[t], draws[t]))
@@ -230,29 +254,55 @@ def adaptive_importance(block_fn, rows, *, n_initial: int, n_max: int, target_es
 # the SED proposal block (one compiled function per flow / model / configuration)
 # ---------------------------------------------------------------------------------------------
 def _proposal_log_densities(flow, ctx, y, widen):
-    """(log q_flow(y), log q_wide(y)) in flow coordinates: one inverse pass gives u and
-    log|du/dy|."""
+    """(log q_flow(y), log q_wide(y), u, log|du/dy|) in flow coordinates: one inverse pass
+    gives the base coordinates u and the log Jacobian."""
     bij = flow.bijector(jnp.broadcast_to(ctx, y.shape[:-1] + ctx.shape[-1:]))
     u, ld = bij.inverse_and_log_det(y)
     d = y.shape[-1]
     uu = jnp.sum(u * u, axis=-1)
     base1 = -0.5 * uu - 0.5 * d * _LOG2PI
     basew = -0.5 * uu / widen ** 2 - d * math.log(widen) - 0.5 * d * _LOG2PI
-    return base1 + ld, basew + ld
+    return base1 + ld, basew + ld, u, ld
 
 
-def _task_log_weights(flow, phot, cfg, key, row, block, ctx, data):
-    """Draws and log weights of one (galaxy, block) task."""
-    n_f, n_w, n_p, widen, prior, gamma_density, logit = cfg
+def _student_t_log_prob(y, mu, chol, df):
+    """log density (n,) of the multivariate Student-t with location mu (d,), scale chol @ chol.T
+    (chol (d, d) lower triangular) and df degrees of freedom at y (n, d)."""
+    d = mu.shape[0]
+    r = jax.scipy.linalg.solve_triangular(chol, (y - mu).T, lower=True)
+    q = jnp.sum(r * r, axis=0)
+    norm = (jax.scipy.special.gammaln(0.5 * (df + d)) - jax.scipy.special.gammaln(0.5 * df)
+            - 0.5 * d * math.log(df * math.pi) - jnp.sum(jnp.log(jnp.diagonal(chol))))
+    return norm - 0.5 * (df + d) * jnp.log1p(q / df)
+
+
+def _student_t_draws(key, mu, chol, n: int, df):
+    """n draws (n, d) of the multivariate Student-t of :func:`_student_t_log_prob`."""
+    kz, kc = jax.random.split(key)
+    z = jax.random.normal(kz, (n, mu.shape[0]), jnp.float32)
+    g = jax.random.gamma(kc, 0.5 * df, (n,), jnp.float32) / (0.5 * df)  # chi2_df / df
+    return mu + (z @ chol.T) / jnp.sqrt(g)[:, None]
+
+
+def _task_log_weights(flow, phot, cfg, key, row, block, ctx, data, mu, chol):
+    """Draws, their base coordinates and log weights of one (galaxy, block) task. Components:
+    the flow pushing the galaxy's fitted Student-t in base space forward (mu, chol; n_t draws),
+    the flow (n_f), the widened flow (n_w), the prior (n_p); the mixture density is evaluated at
+    every draw. -> (log_w (n,), log_w_flow (n_f,), s (n, 11), u (n, 11))."""
+    n_t, n_f, n_w, n_p, widen, prior, gamma_density, logit, df = cfg
     lo, hi = (jnp.asarray(a, jnp.float32) for a in P.sampling_bounds(prior))
     k = jax.random.fold_in(jax.random.fold_in(key, row), block)
     k_base, k_prior = jax.random.split(k)
     d = lo.shape[0]
-    parts = []
+    parts, base = [], []
+    if n_t:
+        base.append(_student_t_draws(jax.random.fold_in(k, 7), mu, chol, n_t, df))
     if n_f + n_w:
         z = jax.random.normal(k_base, (n_f + n_w, d), jnp.float32)
-        z = z * jnp.where(jnp.arange(n_f + n_w) < n_f, 1.0, widen)[:, None]
-        parts.append(flow.bijector(jnp.broadcast_to(ctx, (n_f + n_w,) + ctx.shape)).forward(z))
+        base.append(z * jnp.where(jnp.arange(n_f + n_w) < n_f, 1.0, widen)[:, None])
+    if base:
+        z = jnp.concatenate(base, axis=0)
+        parts.append(flow.bijector(jnp.broadcast_to(ctx, z.shape[:1] + ctx.shape)).forward(z))
     if n_p:
         sp = P.sample_sampling(k_prior, prior, n_p)
         if logit:
@@ -260,12 +310,14 @@ def _task_log_weights(flow, phot, cfg, key, row, block, ctx, data):
             sp = jnp.log(pp) - jnp.log1p(-pp)
         parts.append(sp)
     y = jnp.concatenate(parts, axis=0)
-    lq1, lqw = _proposal_log_densities(flow, ctx, y, widen)
+    lq1, lqw, u, ld = _proposal_log_densities(flow, ctx, y, widen)
+    lqt = _student_t_log_prob(u, mu, chol, df) + ld if n_t else None
     if logit:
         s = lo + (hi - lo) * jax.nn.sigmoid(y)
         # log|dy/ds| from y (stable at the edges): -sum log((hi - lo) sigmoid(y) sigmoid(-y))
         jac = -jnp.sum(jnp.log(hi - lo) - jax.nn.softplus(-y) - jax.nn.softplus(y), axis=-1)
         lq1, lqw = lq1 + jac, lqw + jac
+        lqt = None if lqt is None else lqt + jac
     else:
         s = y
     lp = P.log_prob_sampling(prior, s, gamma_density)
@@ -275,22 +327,22 @@ def _task_log_weights(flow, phot, cfg, key, row, block, ctx, data):
     # target's gamma density
     lq_prior = lp if gamma_density == "loguniform" else P.log_prob_sampling(prior, s)
     comps = []
-    for frac, lq in ((n_f, lq1), (n_w, lqw), (n_p, lq_prior)):
+    for frac, lq in ((n_t, lqt), (n_f, lq1), (n_w, lqw), (n_p, lq_prior)):
         if frac:
-            comps.append(math.log(frac / (n_f + n_w + n_p)) + lq)
+            comps.append(math.log(frac / (n_t + n_f + n_w + n_p)) + lq)
     lq_mix = jax.scipy.special.logsumexp(jnp.stack(comps), axis=0)
     good = jnp.isfinite(lp) & jnp.isfinite(ll)
     lw = jnp.where(good, lp + ll - lq_mix, -jnp.inf)
-    lw_flow = jnp.where(good, lp + ll - lq1, -jnp.inf)[:n_f]
-    return lw, lw_flow, s
+    lw_flow = jnp.where(good, lp + ll - lq1, -jnp.inf)[n_t:n_t + n_f]
+    return lw, lw_flow, s, u
 
 
 @functools.lru_cache(maxsize=8)
 def _block_fn(graphdef, phot, cfg):
-    def body(state, key, rows, blocks, ctx, data):
+    def body(state, key, rows, blocks, ctx, data, mu, chol):
         flow = nnx.merge(graphdef, state)
         one = functools.partial(_task_log_weights, flow, phot, cfg, key)
-        return jax.vmap(one)(rows, blocks, ctx, data)
+        return jax.vmap(one)(rows, blocks, ctx, data, mu, chol)
 
     return jax.jit(body)
 
@@ -365,10 +417,15 @@ def _prepare(posterior, model, flux, sigma, z, mask):
     return data, np.nan_to_num(ctx).astype(np.float32), np.asarray(ood, bool), reason
 
 
-def _run_tasks(fn, state, key, ctx, data, rows, group: int):
+def _run_tasks(fn, state, key, ctx, data, rows, group: int, params=None):
     """A block_fn for :func:`adaptive_importance`: tasks (local index, block) run ``group`` at a
-    time (padded); local index i draws with the key of catalog row ``rows[i]``."""
+    time (padded); local index i draws with the key of catalog row ``rows[i]`` and the Student-t
+    ``params = (mu (m, d), chol (m, d, d))`` of row i (unused by a proposal without one)."""
     jdata = {k: data[k] for k in ("flux", "prec", "ok", "z")}
+    if params is None:
+        d = P.N_SAMPLING
+        params = (np.zeros((1, d), np.float32), np.eye(d, dtype=np.float32)[None])
+    mu, chol = params
 
     def run(tasks):
         t = np.asarray(tasks, np.int64).reshape(-1, 2)
@@ -379,9 +436,12 @@ def _run_tasks(fn, state, key, ctx, data, rows, group: int):
         for i in range(0, t.shape[0], group):
             g, b = t[i:i + group, 0], t[i:i + group, 1]
             d = {k: v[g] for k, v in jdata.items()}
-            outs.append(fn(state, key, rows[g].astype(np.uint32), b.astype(np.uint32), ctx[g], d))
-        lw, lwf, s = (np.concatenate([np.asarray(o[j]) for o in outs])[:nt] for j in range(3))
-        return lw, lwf, s
+            pg = np.minimum(g, mu.shape[0] - 1)
+            outs.append(fn(state, key, rows[g].astype(np.uint32), b.astype(np.uint32), ctx[g], d,
+                           mu[pg], chol[pg]))
+        lw, lwf, s, u = (np.concatenate([np.asarray(o[j]) for o in outs])[:nt]
+                         for j in range(4))
+        return lw, lwf, np.concatenate([s, u], axis=-1)
 
     return run
 
@@ -406,41 +466,174 @@ def _fill(out: dict, i: int, lw, lwf, s, rng, target_ess: float, n_out: int) -> 
         out["s"][i] = s[_resample(rng, summ["log_w_smoothed"], n_out)]
 
 
-def _setup(posterior, model, key, n_initial, defensive, widen, gamma_density):
-    """(compiled block function, flow state, typed key, key data, n_flow)."""
+class _Compiled(NamedTuple):
+    """What one :func:`sample_exact` call runs: the compiled block functions of the first
+    (defensive mixture) and the adapted proposal (None without adaptation), the flow state, the
+    typed key and its data, the flow draws per first-round block, and the box + coordinates."""
+
+    first: object
+    adapted: object
+    state: object
+    key: object
+    kdata: object
+    n_flow: int
+    bounds: tuple
+    logit: bool
+
+
+def _adapted_counts(n0: int, defensive) -> tuple:
+    """(n_t, n_f, n_w, n_p) of an adapted block: :data:`ADAPT_SHARE` of the draws from the
+    galaxy's Student-t, the rest from the defensive mixture in its own proportions."""
+    n_t = int(round(ADAPT_SHARE * n0))
+    return (n_t,) + _mix_counts(n0 - n_t, defensive)
+
+
+def _setup(posterior, model, key, n_initial, defensive, widen, gamma_density,
+           adapt: int = 0) -> _Compiled:
+    """Compile (or fetch) the block functions of a configuration; normalise the key."""
     if gamma_density not in ("loguniform", "flat"):
         raise ValueError(f"gamma_density must be 'loguniform' or 'flat', got {gamma_density!r}")
-    n_f, n_w, n_p = _mix_counts(int(n_initial), defensive)
-    cfg = (n_f, n_w, n_p, float(widen), posterior.prior, gamma_density,
-           posterior.theta_space == "logit")
+    n0 = int(n_initial)
+    logit = posterior.theta_space == "logit"
+    tail = (float(widen), posterior.prior, gamma_density, logit, ADAPT_DF)
     graphdef, state = nnx.split(posterior.flow)
-    fn = _get_block_fn(graphdef, model.photometry_fn(), cfg)
+    phot = model.photometry_fn()
+    counts = (0,) + _mix_counts(n0, defensive)
+    first = _get_block_fn(graphdef, phot, counts + tail)
+    adapted = _get_block_fn(graphdef, phot, _adapted_counts(n0, defensive) + tail) if adapt \
+        else None
     _, kdata, _, key = key_parts(as_key(key))
-    return fn, state, key, kdata, n_f
+    bounds = tuple(np.asarray(a, np.float64) for a in P.sampling_bounds(posterior.prior))
+    return _Compiled(first, adapted, state, key, kdata, counts[1], bounds, logit)
 
 
 def proposal_block(posterior, key, model, flux, sigma, z, *, mask=None, n: int = 2000,
                    defensive=True, widen: float = DEFAULT_WIDEN,
-                   gamma_density: str = "loguniform", row: int = 0, block: int = 0) -> dict:
+                   gamma_density: str = "loguniform", row: int = 0, block: int = 0,
+                   adapted=None) -> dict:
     """One block of proposal draws of one galaxy and their raw log weights, exactly as
-    :func:`sample_exact` computes them (row / block select the key): ``{'s' (n, 11),
-    'log_w' (n,), 'log_w_flow' (n_flow,) (the flow-component draws weighted by the flow alone),
-    'n_flow', 'n_wide', 'n_prior', 'reason'}``. For diagnostics and tests."""
+    :func:`sample_exact` computes them (row / block select the key): the first round's
+    defensive mixture, or with ``adapted = (mu (11,), chol (11, 11))`` an adapted round's
+    mixture with that base-space Student-t. -> ``{'s' (n, 11), 'u' (n, 11) (the flow's base
+    coordinates), 'log_w' (n,), 'log_w_flow' (n_flow,) (the flow-component draws weighted by the
+    flow alone), 'n_t', 'n_flow', 'n_wide', 'n_prior', 'reason'}`` (draws in that component
+    order). For diagnostics and tests."""
     data, ctx, _, reason = _prepare(posterior, model, np.atleast_2d(flux),
                                     np.atleast_2d(sigma), np.atleast_1d(z),
                                     None if mask is None else np.atleast_2d(mask))
-    fn, state, key, _, _ = _setup(posterior, model, key, n, defensive, widen, gamma_density)
-    lw, lwf, s = _run_tasks(fn, state, key, ctx, data, np.asarray([row], np.int64), 1)(
-        [(0, int(block))])
-    n_f, n_w, n_p = _mix_counts(int(n), defensive)
-    return dict(s=s[0], log_w=lw[0], log_w_flow=lwf[0], n_flow=n_f, n_wide=n_w, n_prior=n_p,
+    c = _setup(posterior, model, key, n, defensive, widen, gamma_density, int(adapted is not None))
+    params = None if adapted is None else tuple(np.asarray(a, np.float32)[None] for a in adapted)
+    lw, lwf, s = _run_tasks(c.adapted if params else c.first, c.state, c.key, ctx, data,
+                            np.asarray([row], np.int64), 1, params)([(0, int(block))])
+    counts = _adapted_counts(int(n), defensive) if params else (0,) + _mix_counts(int(n), defensive)
+    return dict(s=s[0, :, :P.N_SAMPLING], u=s[0, :, P.N_SAMPLING:], log_w=lw[0],
+                log_w_flow=lwf[0], **dict(zip(("n_t", "n_flow", "n_wide", "n_prior"), counts)),
                 reason=str(reason[0]))
+
+
+# ---------------------------------------------------------------------------------------------
+# per-galaxy adaptation: a Student-t in the flow's base space fitted to the weighted draws
+# ---------------------------------------------------------------------------------------------
+def _tempered_weights(log_w, ess_min: float) -> np.ndarray:
+    """Normalised weights w^beta (n,) with the largest beta in (0, 1] whose Kish ESS reaches
+    min(ess_min, n / 2) (bisection on beta; beta = 1 when the weights already do)."""
+    lw = np.asarray(log_w, np.float64)
+    lw = lw - lw.max()
+    goal = min(float(ess_min), 0.5 * lw.size)
+
+    def weights(beta):
+        w = np.exp(beta * lw)
+        return w / w.sum()
+
+    w = weights(1.0)
+    if 1.0 / np.sum(w * w) >= goal:
+        return w
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        if 1.0 / np.sum(weights(mid) ** 2) >= goal:
+            lo = mid
+        else:
+            hi = mid
+    return weights(lo)
+
+
+def fit_student_t(y, log_w, *, ess_min: float = ADAPT_ESS_MIN) -> tuple:
+    """Location mu (d,) and scale Cholesky factor (d, d) of a galaxy's adapted proposal from
+    draws y (n, d) in the flow's base coordinates and their log weights (n,) (-inf = 0).
+
+    mu, C = the weighted mean and covariance under the tempered weights w^beta, beta <= 1 the
+    largest giving an ESS of ``ess_min`` (all of w when its ESS is larger): a round whose
+    weights sit on a few draws moves the proposal part of the way toward them, not onto them
+    (adaptive annealing), and the covariance is always estimated from >= ``ess_min`` effective
+    draws. The Student-t (:data:`ADAPT_DF` degrees of freedom) with scale C has heavier tails
+    than its Gaussian (covariance df / (df - 2) C)."""
+    y = np.asarray(y, np.float64)
+    lw = np.asarray(log_w, np.float64)
+    good = np.isfinite(lw) & np.isfinite(y).all(1)
+    y, lw = y[good], lw[good]
+    d = y.shape[1]
+    if y.shape[0] <= d:  # too few usable draws for a covariance: the flow's own base scale
+        mu = y.mean(0) if y.shape[0] else np.zeros(d)
+        return mu.astype(np.float32), np.eye(d, dtype=np.float32)
+    w = _tempered_weights(lw, ess_min)
+    mu = w @ y
+    dy = y - mu
+    cov = dy.T @ (w[:, None] * dy)
+    cov = 0.5 * (cov + cov.T) + 1e-6 * np.eye(d)
+    try:
+        chol = np.linalg.cholesky(cov)
+    except np.linalg.LinAlgError:
+        chol = np.eye(d)
+    return mu.astype(np.float32), chol.astype(np.float32)
+
+
+def _trustworthy(lw, target_ess: float) -> bool:
+    if not np.isfinite(lw).any():
+        return True  # nothing to adapt to: reported as such
+    smoothed, k = psis(lw)
+    return kish_ess(smoothed) >= target_ess and k < K_HAT_MAX
+
+
+def _adapt_rows(c: _Compiled, runner, rows, *, n_initial: int, n_max: int,
+                target_ess: float, adapt: int) -> dict:
+    """The adaptive loop of a chunk of galaxies (local indices ``rows``). Without ``adapt``:
+    plain defensive importance sampling, the first-round proposal doubling its draws. Else one
+    first-round block; a galaxy not yet trustworthy then runs rounds of ``n_initial`` draws
+    from its adapted mixture, refitting its Student-t to all its adapted draws so far after each
+    of the first ``adapt`` rounds (then frozen), until the adapted draws together are
+    trustworthy or the galaxy has ``n_max`` draws. -> ``{row: (log_w, log_w_flow, s, n_total)}``
+    with the weights and draws of the estimate (the first round's, or all adapted rounds')."""
+    res = adaptive_importance(runner(c.first, None), rows, n_initial=n_initial,
+                              n_max=n_max if not adapt else n_initial, target_ess=target_ess)
+    out = {g: (lw, lwf, s, lw.size) for g, (lw, lwf, s) in res.items()}
+    todo = [g for g in rows if adapt and not _trustworthy(res[g][0], target_ess)]
+    acc = {g: (res[g][0], res[g][2]) for g in todo}  # what the fits see (first round, then adapted)
+    mu = np.zeros((max(rows, default=0) + 1, P.N_SAMPLING), np.float32)
+    chol = np.tile(np.eye(P.N_SAMPLING, dtype=np.float32), (mu.shape[0], 1, 1))
+    r = 0
+    while todo and min(n_max - out[g][3] for g in todo) >= n_initial:
+        if r < adapt:
+            for g in todo:
+                mu[g], chol[g] = fit_student_t(acc[g][1][:, P.N_SAMPLING:], acc[g][0],
+                                               ess_min=ADAPT_ESS_MIN)
+        new = adaptive_importance(runner(c.adapted, (mu, chol)), todo, n_initial=n_initial,
+                                  n_max=n_initial, target_ess=target_ess, first_block=1 + r)
+        for g, (lw, _, s) in new.items():
+            if r == 0:
+                acc[g] = (lw, s)
+            else:
+                acc[g] = (np.concatenate([acc[g][0], lw]), np.concatenate([acc[g][1], s]))
+            out[g] = (acc[g][0], out[g][1], acc[g][1], out[g][3] + lw.size)
+        todo = [g for g in todo if not _trustworthy(acc[g][0], target_ess)]
+        r += 1
+    return out
 
 
 # long: argument checks, input preparation, the chunked adaptive loop and the output in one place
 def sample_exact(posterior, key, model, flux, sigma, z, *, mask=None, n_initial: int = 2000,
                  n_max: int = 32000, target_ess: float = 500.0, n_out: int = 1000,
-                 defensive=True, widen: float = DEFAULT_WIDEN,
+                 defensive=True, widen: float = DEFAULT_WIDEN, adapt: int = DEFAULT_ADAPT,
                  gamma_density: str = "loguniform", rows=None, chunk: int = 256,
                  group: Optional[int] = None) -> ISResult:
     """Exact posterior draws of one galaxy or a catalog by importance sampling the flow.
@@ -450,35 +643,41 @@ def sample_exact(posterior, key, model, flux, sigma, z, *, mask=None, n_initial:
     (``load_model(filters=posterior.bands)``; else ValueError); flux, sigma : (n_b,) or
     (m, n_b) nanomaggies; z : () or (m,); mask : same shape as flux, False = band left out of
     the likelihood (and of a mask-aware flow's context). n_initial : draws per block (the first
-    round); n_max : most draws per galaxy; target_ess : ESS to reach; n_out : equal-weight draws
-    returned; defensive : True (:data:`DEFAULT_MIX`), False (the flow alone) or fractions
-    (flow, widened flow, prior); widen : base-scale factor of the widened flow; gamma_density :
-    the prior density (``'loguniform'`` = the training prior, ``'flat'`` = PROVABGS MCMC);
-    rows : (m,) catalog row ids for the keys (default arange(m): a catalog equals a loop over
-    its rows with ``rows=[j]``); chunk : galaxies whose draws are held at once; group : tasks of
-    n_initial draws per compiled call (default ~16k draws per call).
-    Returns an :class:`ISResult` (no leading axis for a single galaxy's 1-d flux).
+    round); n_max : most draws per galaxy (all rounds); target_ess : ESS to reach; n_out :
+    equal-weight draws returned; defensive : True (:data:`DEFAULT_MIX`), False (the flow alone)
+    or fractions (flow, widened flow, prior); widen : base-scale factor of the widened flow;
+    adapt : rounds of per-galaxy adaptation (0 = the first-round proposal only; see the module
+    docstring); gamma_density : the prior density (``'loguniform'`` = the training prior,
+    ``'flat'`` = PROVABGS MCMC); rows : (m,) catalog row ids for the keys (default arange(m): a
+    catalog equals a loop over its rows with ``rows=[j]``); chunk : galaxies whose draws are
+    held at once; group : tasks of n_initial draws per compiled call (default ~16k draws per
+    call). Returns an :class:`ISResult` (no leading axis for a single galaxy's 1-d flux):
+    ``n_draws`` counts every round's draws and ``efficiency`` is ESS / n_draws (the cost).
     """
-    if n_initial < 10 or n_max < n_initial or n_out < 1:
-        raise ValueError("need n_initial >= 10, n_max >= n_initial and n_out >= 1")
+    if n_initial < 10 or n_max < n_initial or n_out < 1 or int(adapt) < 0:
+        raise ValueError("need n_initial >= 10, n_max >= n_initial, n_out >= 1 and adapt >= 0")
     single = np.ndim(flux) == 1
     data, ctx, ood, reason = _prepare(posterior, model, flux, sigma, z, mask)
     m = ctx.shape[0]
     rows = np.arange(m, dtype=np.int64) if rows is None else np.asarray(rows, np.int64).reshape(-1)
     if rows.shape != (m,):
         raise ValueError(f"rows must have {m} entries, got {rows.shape}")
-    fn, state, key, kdata, n_f = _setup(posterior, model, key, n_initial, defensive, widen,
-                                        gamma_density)
+    c = _setup(posterior, model, key, n_initial, defensive, widen, gamma_density, int(adapt))
     group = int(group or max(1, 16384 // int(n_initial)))
-    block = _run_tasks(fn, state, key, ctx, data, rows, group)
+
+    def runner(fn, params):
+        return _run_tasks(fn, c.state, c.key, ctx, data, rows, group, params)
+
     out = _empty(m, int(n_out), ood, reason)
     fit = np.flatnonzero(reason == "")
-    for c in range(0, fit.size, max(1, int(chunk))):
-        res = adaptive_importance(block, fit[c:c + chunk].tolist(), n_initial=int(n_initial),
-                                  n_max=int(n_max), target_ess=float(target_ess))
-        for i, (lw, lwf, s) in res.items():
-            rng = np.random.default_rng([int(v) for v in np.ravel(kdata)] + [int(rows[i])])
-            _fill(out, i, lw, lwf if n_f else None, s, rng, float(target_ess), int(n_out))
+    for lo in range(0, fit.size, max(1, int(chunk))):
+        res = _adapt_rows(c, runner, fit[lo:lo + chunk].tolist(), n_initial=int(n_initial),
+                          n_max=int(n_max), target_ess=float(target_ess), adapt=int(adapt))
+        for i, (lw, lwf, s, n_total) in res.items():
+            rng = np.random.default_rng([int(v) for v in np.ravel(c.kdata)] + [int(rows[i])])
+            _fill(out, i, lw, lwf if c.n_flow else None, s[:, :P.N_SAMPLING], rng, float(target_ess), int(n_out))
+            out["n_draws"][i] = n_total
+            out["efficiency"][i] = out["ess"][i] / n_total
     s_all = out.pop("s")
     theta = np.asarray(P.from_sampling(jnp.asarray(np.nan_to_num(s_all))))
     theta = np.where(np.isnan(s_all[..., :1]), np.nan, theta).astype(np.float32)
@@ -504,6 +703,7 @@ class ExactOptions(NamedTuple):
     defensive: object = True
     widen: float = DEFAULT_WIDEN
     refine: object = None
+    adapt: int = DEFAULT_ADAPT
 
     def config(self) -> dict:
         """JSON-ready record of everything the draws depend on (the model by its bands and
@@ -512,6 +712,7 @@ class ExactOptions(NamedTuple):
                 "target_ess": float(self.target_ess),
                 "defensive": self.defensive if isinstance(self.defensive, bool)
                 else [float(v) for v in self.defensive], "widen": float(self.widen),
+                "adapt": int(self.adapt),
                 "filters": list(self.model.filter_names),
                 "z_max": float(self.model.config.z_max),
                 **({} if self.refine is None else {"refine": self.refine.config()})}
@@ -532,7 +733,8 @@ def sample_exact_rows(posterior, key, opts: ExactOptions, flux, sigma, z, mask, 
     ``is_reason`` why). Row g's draws depend only on (key, g)."""
     r = sample_exact(posterior, key, opts.model, flux, sigma, z, mask=mask,
                      n_initial=opts.n_initial, n_max=opts.n_max, target_ess=opts.target_ess,
-                     n_out=int(n_out), defensive=opts.defensive, widen=opts.widen, rows=rows)
+                     n_out=int(n_out), defensive=opts.defensive, widen=opts.widen,
+                     adapt=opts.adapt, rows=rows)
     cols = {"is_ess": r.ess.astype(np.float64), "is_efficiency": r.efficiency.astype(np.float64),
             "is_efficiency_flow": r.efficiency_flow.astype(np.float64),
             "is_pareto_k": r.pareto_k.astype(np.float64),
