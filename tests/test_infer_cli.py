@@ -291,6 +291,11 @@ def test_exact_refuses_impossible_sizes(setup, tmp_path, capsys):
     assert rc == 2
     _one_line_error(capsys, "--is-n-max")
     assert list(tmp_path.iterdir()) == []
+    rc = _main(["infer", "--model", setup["one"], "--catalog", setup["cat"], "--out", out,
+                *BASE, "--exact", "--is-adapt", -1])
+    assert rc == 2
+    _one_line_error(capsys, "--is-adapt")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_refine_replaces_flagged_draws_by_mcmc_and_stream_equals_plain(setup, tmp_path, capsys):
