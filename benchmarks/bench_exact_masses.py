@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import sys
 import time
 from pathlib import Path
@@ -99,7 +98,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
 
     import sedflow_jax as sj
-    from bench_importance import _real
+    from bench_importance import _real, emit_json
     from sedflow_jax.sbi.defaults import load_posterior
 
     post = load_posterior("sdss_ugriz")
@@ -109,10 +108,7 @@ def main(argv=None):
     for label, floor in (("nsa_floors", NSA_FLOORS), ("modelflux", None)):
         data = _real(post, a.n, a.catalog, floor)
         out["sets"][label] = run_set(post, model, rs, *data, a.seed)
-    text = json.dumps(out, indent=1)
-    print(text)
-    if a.out:
-        Path(a.out).write_text(text + "\n")
+    emit_json(out, a.out)
 
 
 if __name__ == "__main__":

@@ -195,10 +195,15 @@ def main(argv=None):
            "results": [_run(post, model, *sets[k], a, k) for k in sets]}
     if a.calibration:
         out["calibration"] = calibration(post, model, a, noise)
-    text = json.dumps(out, indent=1)
+    emit_json(out, a.out)
+
+
+def emit_json(doc: dict, path=None) -> None:
+    """Print a benchmark's JSON document; also write it to ``path`` when given."""
+    text = json.dumps(doc, indent=1)
     print(text)
-    if a.out:
-        Path(a.out).write_text(text + "\n")
+    if path:
+        Path(path).write_text(text + "\n")
 
 
 if __name__ == "__main__":
