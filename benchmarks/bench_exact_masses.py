@@ -28,7 +28,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-NSA_FLOORS = (0.05, 0.02, 0.02, 0.02, 0.03)  # u, g, r, i, z [mag]
 
 
 def _real_sdss_example():
@@ -100,12 +99,14 @@ def main(argv=None):
     import sedflow_jax as sj
     from bench_importance import _real, emit_json
     from sedflow_jax.sbi.defaults import load_posterior
+    from sedflow_jax.sim.noise import NSA_FLOOR_MAG
 
     post = load_posterior("sdss_ugriz")
     model = sj.load_model(filters=list(post.bands), z_max=post.prior.zmax)
     rs = _real_sdss_example()
     out = {"model": "sdss_ugriz", "n": a.n, "sets": {}}
-    for label, floor in (("nsa_floors", NSA_FLOORS), ("modelflux", None)):
+    nsa = [NSA_FLOOR_MAG[b] for b in post.bands]
+    for label, floor in (("nsa_floors", nsa), ("modelflux", None)):
         data = _real(post, a.n, a.catalog, floor)
         out["sets"][label] = run_set(post, model, rs, *data, a.seed)
     emit_json(out, a.out)

@@ -40,16 +40,21 @@ def _why(r: str) -> str:
     return r or "ok"
 
 
+def _exact_kwargs(a) -> dict:
+    """The sample_exact options of the command line."""
+    return dict(n_initial=a.n_initial, n_max=a.n_max, target_ess=a.target_ess, n_out=a.n_out,
+                defensive=None if a.defensive == "none" else
+                (True if a.defensive == "default" else
+                 tuple(map(float, a.defensive.split(",")))),
+                widen=a.widen, adapt=a.adapt)
+
+
 def _run(post, model, flux, sigma, z, mask, a, label):
     from sedflow_jax.sbi import importance as I
     from sedflow_jax.sim.layout import to_conditioning
 
-    kw = dict(n_initial=a.n_initial, n_max=a.n_max, target_ess=a.target_ess, n_out=a.n_out,
-              defensive=None if a.defensive == "none" else
-              (True if a.defensive == "default" else tuple(map(float, a.defensive.split(",")))),
-              widen=a.widen, adapt=a.adapt)
     t = time.perf_counter()
-    res = I.sample_exact(post, a.seed, model, flux, sigma, z, mask=mask, **kw)
+    res = I.sample_exact(post, a.seed, model, flux, sigma, z, mask=mask, **_exact_kwargs(a))
     dt = time.perf_counter() - t
     fit = ~np.isin(res.reason, ["no usable band"]) & np.isfinite(res.ess)
     good = (res.ess >= a.target_ess) & (res.pareto_k < 0.7)
@@ -99,25 +104,21 @@ def _mocks(post, model, n, seed, noise, truths=False):
 def calibration(post, model, a, noise):
     """Coverage of the importance posteriors on ``a.calibration`` training-like mocks: the
     fraction trustworthy, and for those, per sampling coordinate, the fraction of truths inside
-    the central 68 / 95 % intervals of the resampled draws (an exact posterior gives 0.68 /
-    0.95 up to binomial noise; selecting on trustworthiness can bias it a little)."""
+    the central 68 / 95 % intervals of the resampled draws (eval.diagnostics.coverage; an exact
+    posterior gives 0.68 / 0.95 up to binomial noise; selecting on trustworthiness can bias it a
+    little)."""
+    from sedflow_jax.eval.diagnostics import coverage
     from sedflow_jax.sbi import importance as I
     from sedflow_jax.sim.prior import SAMPLING_NAMES
 
     f, s, z, m, truth = _mocks(post, model, a.calibration, a.seed + 300, noise, truths=True)
     t = time.perf_counter()
-    res = I.sample_exact(post, a.seed, model, f, s, z, mask=m, n_initial=a.n_initial,
-                         n_max=a.n_max, target_ess=a.target_ess, n_out=a.n_out,
-                         adapt=a.adapt)
+    res = I.sample_exact(post, a.seed, model, f, s, z, mask=m, **_exact_kwargs(a))
     dt = time.perf_counter() - t
     ok = ~res.flag
-    table = {}
-    for j, name in enumerate(SAMPLING_NAMES):
-        row = {}
-        for level, (lo_q, hi_q) in (("68", (16, 84)), ("95", (2.5, 97.5))):
-            lo, hi = np.percentile(res.s[ok, :, j], [lo_q, hi_q], axis=1)
-            row[f"coverage{level}"] = float(np.mean((truth[ok, j] > lo) & (truth[ok, j] < hi)))
-        table[name] = row
+    _, cov = coverage(truth[ok], res.s[ok], [0.68, 0.95])
+    table = {name: {"coverage68": float(cov[0, j]), "coverage95": float(cov[1, j])}
+             for j, name in enumerate(SAMPLING_NAMES)}
     return {"n_mocks": int(a.calibration), "n_trustworthy": int(ok.sum()),
             "fraction_trustworthy": float(ok.mean()), "seconds": dt,
             "galaxies_per_s": a.calibration / dt,

@@ -35,6 +35,7 @@ from sedflow_jax.nn import flow as F  # noqa: E402
 from sedflow_jax.nn import train as T  # noqa: E402
 from sedflow_jax.sbi.posterior import AmortizedPosterior  # noqa: E402
 from sedflow_jax.sbi.sampling import sample_rows  # noqa: E402
+from sedflow_jax.sed.units import SDSS_BANDS  # noqa: E402
 from sedflow_jax.sim import prior as P  # noqa: E402
 
 FULL = dict(phot_batches=(100_000, 1_000_000, 10_000_000), n_simulate=1_130_000,
@@ -119,7 +120,7 @@ def bench_train_step(preset: str, steps: int, rows):
                  f"compile+first {first:.1f} s"))
 
 
-def toy_posterior(bands=("sdss_u", "sdss_g", "sdss_r", "sdss_i", "sdss_z"), flow=(5, 128)):
+def toy_posterior(bands=SDSS_BANDS, flow=(5, 128)):
     """A logit posterior with random weights, default size (5 x 128; ``flow`` = (blocks,
     hidden)): timing only."""
     nb = len(bands)

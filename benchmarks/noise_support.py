@@ -28,12 +28,12 @@ import numpy as np
 import sedflow_jax
 from sedflow_jax.io.catalog import read_photometry
 from sedflow_jax.sbi.masks import TrainingSupport, support_fractions
-from sedflow_jax.sed.units import MAG_PER_LN
+from sedflow_jax.sed.units import MAG_PER_LN, SDSS_BANDS
 from sedflow_jax.sim import noise as N
 from sedflow_jax.sim.layout import to_conditioning
 
-BANDS = ("sdss_u", "sdss_g", "sdss_r", "sdss_i", "sdss_z")
-NSA_FLOORS = np.array([0.05, 0.02, 0.02, 0.02, 0.03])  # mag, u g r i z
+BANDS = SDSS_BANDS
+NSA_FLOORS = np.array([N.NSA_FLOOR_MAG[b] for b in BANDS])  # mag
 CATALOG = Path(__file__).resolve().parents[1] / "examples" / "data" / "sdss_main_10k.fits"
 
 

@@ -61,9 +61,11 @@ from ..sim import prior as P
 from ..sim.layout import to_conditioning
 from ..util import as_key, key_parts
 
-__all__ = ["DEFAULT_MIX", "DEFAULT_ADAPT", "ADAPT_SHARE", "ADAPT_DF", "K_HAT_MAX", "ISResult", "ExactOptions", "IS_COLUMNS", "kish_ess",
-           "psis", "summarize_weights", "adaptive_importance", "sample_exact", "proposal_block",
-           "compiled_block_count", "fit_student_t", "sample_exact_rows", "refine_flagged", "REFINE_COLUMNS"]
+__all__ = ["DEFAULT_MIX", "DEFAULT_ADAPT", "ADAPT_SHARE", "ADAPT_DF", "ADAPT_ESS_MIN",
+           "K_HAT_MAX", "ISResult", "ExactOptions", "IS_COLUMNS", "kish_ess", "psis",
+           "summarize_weights", "adaptive_importance", "sample_exact", "proposal_block",
+           "compiled_block_count", "fit_student_t", "sample_exact_rows", "refine_flagged",
+           "REFINE_COLUMNS"]
 
 #: default defensive mixture fractions (flow, widened flow, prior) and base widening factor
 DEFAULT_MIX = (0.75, 0.2, 0.05)
@@ -218,21 +220,20 @@ def _grow(n_blocks: int, max_blocks: int) -> int:
 
 
 def adaptive_importance(block_fn, rows, *, n_initial: int, n_max: int, target_ess: float,
-                        k_max: float = K_HAT_MAX, first_block: int = 0):
+                        k_max: float = K_HAT_MAX):
     """Adaptive importance sampling of many independent problems.
 
     block_fn(tasks) : tasks a list of (row, block index) -> ``(log_w (T, n_initial), log_w_flow
     (T, n_f) or None, draws (T, n_initial, d))``. Each row starts with one block and doubles its
     draws until the smoothed ESS >= target_ess and k-hat < k_max, or N >= n_max (rounded up to
-    whole blocks). Block indices count from ``first_block``. Returns ``{row: (log_w (N,),
-    log_w_flow (N_f,) or None, draws (N, d))}``.
+    whole blocks). Returns ``{row: (log_w (N,), log_w_flow (N_f,) or None, draws (N, d))}``.
     """
     max_blocks = max(1, math.ceil(n_max / n_initial))
     store = {g: [] for g in rows}
     active = list(rows)
     while active:
-        tasks = [(g, first_block + b) for g in active
-                 for b in range(len(store[g]), _grow(len(store[g]), max_blocks))]
+        tasks = [(g, b) for g in active for b in range(len(store[g]), _grow(len(store[g]),
+                                                                              max_blocks))]
         lw, lwf, draws = block_fn(tasks)
         for t, (g, _) in enumerate(tasks):
             store[g].append((lw[t], None if lwf is None else lwf[t], draws[t]))
@@ -420,7 +421,9 @@ def _prepare(posterior, model, flux, sigma, z, mask):
 def _run_tasks(fn, state, key, ctx, data, rows, group: int, params=None):
     """A block_fn for :func:`adaptive_importance`: tasks (local index, block) run ``group`` at a
     time (padded); local index i draws with the key of catalog row ``rows[i]`` and the Student-t
-    ``params = (mu (m, d), chol (m, d, d))`` of row i (unused by a proposal without one)."""
+    ``params = (mu (m, d), chol (m, d, d))`` of row i (unused by a proposal without one). The
+    draws it returns are (T, n, 22): the sampling-space s (first 11 columns) next to the flow's
+    base coordinates u (last 11), which the adaptation fits."""
     jdata = {k: data[k] for k in ("flux", "prec", "ok", "z")}
     if params is None:
         d = P.N_SAMPLING
@@ -454,11 +457,15 @@ def _empty(m: int, n_out: int, ood, reason) -> dict:
                 reason=np.asarray(reason, object).copy(), ood=np.asarray(ood, bool))
 
 
-def _fill(out: dict, i: int, lw, lwf, s, rng, target_ess: float, n_out: int) -> None:
-    """Summaries and resampled draws of galaxy i into ``out``."""
+def _fill(out: dict, i: int, lw, lwf, s, rng, target_ess: float, n_out: int,
+          n_total: int) -> None:
+    """Summaries and resampled draws of galaxy i into ``out``: the estimate's weights ``lw``
+    and draws ``s``; ``n_total`` every draw the galaxy cost (efficiency = ESS / n_total)."""
     summ = summarize_weights(lw, target_ess=target_ess)
-    for k in ("ess", "efficiency", "pareto_k", "n_draws", "log_evidence", "flag", "reason"):
+    for k in ("ess", "pareto_k", "log_evidence", "flag", "reason"):
         out[k][i] = summ[k]
+    out["n_draws"][i] = n_total
+    out["efficiency"][i] = summ["ess"] / n_total
     if lwf is not None and lwf.size:
         sm, _ = psis(lwf)
         out["efficiency_flow"][i] = kish_ess(sm) / lwf.size if np.isfinite(sm).any() else np.nan
@@ -469,7 +476,7 @@ def _fill(out: dict, i: int, lw, lwf, s, rng, target_ess: float, n_out: int) -> 
 class _Compiled(NamedTuple):
     """What one :func:`sample_exact` call runs: the compiled block functions of the first
     (defensive mixture) and the adapted proposal (None without adaptation), the flow state, the
-    typed key and its data, the flow draws per first-round block, and the box + coordinates."""
+    typed key and its data, and the flow draws per first-round block."""
 
     first: object
     adapted: object
@@ -477,8 +484,6 @@ class _Compiled(NamedTuple):
     key: object
     kdata: object
     n_flow: int
-    bounds: tuple
-    logit: bool
 
 
 def _adapted_counts(n0: int, defensive) -> tuple:
@@ -494,8 +499,8 @@ def _setup(posterior, model, key, n_initial, defensive, widen, gamma_density,
     if gamma_density not in ("loguniform", "flat"):
         raise ValueError(f"gamma_density must be 'loguniform' or 'flat', got {gamma_density!r}")
     n0 = int(n_initial)
-    logit = posterior.theta_space == "logit"
-    tail = (float(widen), posterior.prior, gamma_density, logit, ADAPT_DF)
+    tail = (float(widen), posterior.prior, gamma_density, posterior.theta_space == "logit",
+            ADAPT_DF)
     graphdef, state = nnx.split(posterior.flow)
     phot = model.photometry_fn()
     counts = (0,) + _mix_counts(n0, defensive)
@@ -503,8 +508,7 @@ def _setup(posterior, model, key, n_initial, defensive, widen, gamma_density,
     adapted = _get_block_fn(graphdef, phot, _adapted_counts(n0, defensive) + tail) if adapt \
         else None
     _, kdata, _, key = key_parts(as_key(key))
-    bounds = tuple(np.asarray(a, np.float64) for a in P.sampling_bounds(posterior.prior))
-    return _Compiled(first, adapted, state, key, kdata, counts[1], bounds, logit)
+    return _Compiled(first, adapted, state, key, kdata, counts[1])
 
 
 def proposal_block(posterior, key, model, flux, sigma, z, *, mask=None, n: int = 2000,
@@ -615,11 +619,9 @@ def _adapt_rows(c: _Compiled, runner, rows, *, n_initial: int, n_max: int,
     while todo and min(n_max - out[g][3] for g in todo) >= n_initial:
         if r < adapt:
             for g in todo:
-                mu[g], chol[g] = fit_student_t(acc[g][1][:, P.N_SAMPLING:], acc[g][0],
-                                               ess_min=ADAPT_ESS_MIN)
-        new = adaptive_importance(runner(c.adapted, (mu, chol)), todo, n_initial=n_initial,
-                                  n_max=n_initial, target_ess=target_ess, first_block=1 + r)
-        for g, (lw, _, s) in new.items():
+                mu[g], chol[g] = fit_student_t(acc[g][1][:, P.N_SAMPLING:], acc[g][0])
+        lws, _, draws = runner(c.adapted, (mu, chol))([(g, 1 + r) for g in todo])
+        for g, lw, s in zip(todo, lws, draws):
             if r == 0:
                 acc[g] = (lw, s)
             else:
@@ -675,9 +677,8 @@ def sample_exact(posterior, key, model, flux, sigma, z, *, mask=None, n_initial:
                           n_max=int(n_max), target_ess=float(target_ess), adapt=int(adapt))
         for i, (lw, lwf, s, n_total) in res.items():
             rng = np.random.default_rng([int(v) for v in np.ravel(c.kdata)] + [int(rows[i])])
-            _fill(out, i, lw, lwf if c.n_flow else None, s[:, :P.N_SAMPLING], rng, float(target_ess), int(n_out))
-            out["n_draws"][i] = n_total
-            out["efficiency"][i] = out["ess"][i] / n_total
+            _fill(out, i, lw, lwf if c.n_flow else None, s[:, :P.N_SAMPLING], rng,
+                  float(target_ess), int(n_out), n_total)
     s_all = out.pop("s")
     theta = np.asarray(P.from_sampling(jnp.asarray(np.nan_to_num(s_all))))
     theta = np.where(np.isnan(s_all[..., :1]), np.nan, theta).astype(np.float32)

@@ -70,6 +70,7 @@ __all__ = [
     "add_floor",
     "RECOMMENDED_FLOOR_MAG_MAX",
     "RECOMMENDED_FLOOR_P_ZERO",
+    "NSA_FLOOR_MAG",
     "DEFAULT_TABLES",
 ]
 
@@ -94,6 +95,8 @@ RECOMMENDED_FLOOR_MAG_MAX = {
     "sdss_u": 0.08, "sdss_g": 0.05, "sdss_r": 0.05, "sdss_i": 0.05, "sdss_z": 0.05,
     "galex_fuv": 0.08, "galex_nuv": 0.05,
 }
+#: the NSA's calibration floors on NMGY_IVAR [mag] (sigma_mag >= these in its ugriz)
+NSA_FLOOR_MAG = {"sdss_u": 0.05, "sdss_g": 0.02, "sdss_r": 0.02, "sdss_i": 0.02, "sdss_z": 0.03}
 #: recommended probability that a row has no floor at all (keeps floor-free catalogs covered)
 RECOMMENDED_FLOOR_P_ZERO = 0.5
 
