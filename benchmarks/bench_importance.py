@@ -186,7 +186,7 @@ def main(argv=None):
         floor_mag = [float(v) for v in a.real_floor.split(",")]
         sets["real_sdss_with_floor"] = _real(post, a.n, a.catalog, floor_mag)
     f, s, z, m = sets["mock"]
-    # the warm-up compiles the first-round and (when the galaxy adapts) the adapted program
+    # the warm-up compiles the one block program (first and adapted rounds alike)
     warm = argparse.Namespace(**{**vars(a), "n_max": 2 * a.n_initial})
     t = time.perf_counter()
     _run(post, model, f[:1], s[:1], z[:1], m[:1], warm, "warm-up")

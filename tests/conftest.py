@@ -4,14 +4,24 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 # a persistent XLA compilation cache for this test session (and its subprocesses): the suite
 # releases compiled code after every module (see _release_compiled_code), and later modules
 # recompile many of the same programs; with the cache they are read back instead of recompiled
+_OWN_CACHE = None  # the cache directory this process made (removed when the session ends)
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     import tempfile
 
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="sedflow-jax-xla-cache-")
+    _OWN_CACHE = tempfile.mkdtemp(prefix="sedflow-jax-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import numpy as np
 import pytest
+
+
+def pytest_unconfigure(config):
+    """Remove the session's compilation cache (hundreds of MB) once every worker is done."""
+    if _OWN_CACHE is not None:
+        import shutil
+
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 def canonical_prior_draws(rng, n):

@@ -187,7 +187,7 @@ def test_sed_log_weights_match_an_independent_numpy_computation(setup):
     mask = np.array([True, True, False, True, True])
     j = 1
     out = I.proposal_block(post, 3, model, gal["flux"][j], gal["sigma"][j], gal["z"][j],
-                           mask=mask, n=64, widen=1.5)
+                           mask=mask, n=200, widen=1.5)
     counts = (out["n_flow"], out["n_wide"], out["n_prior"])
     assert min(counts) > 0 and out["reason"] == ""
     lw, lwf = _numpy_log_weights(post, model, out["s"], gal["flux"][j], gal["sigma"][j],
@@ -199,9 +199,9 @@ def test_sed_log_weights_match_an_independent_numpy_computation(setup):
     f2 = gal["flux"][j].copy()
     f2[2] *= 50.0
     out2 = I.proposal_block(post, 3, model, f2, gal["sigma"][j], gal["z"][j], mask=mask,
-                            n=64, widen=1.5)
+                            n=200, widen=1.5)
     np.testing.assert_array_equal(out2["log_w"], out["log_w"])
-    out3 = I.proposal_block(post, 3, model, f2, gal["sigma"][j], gal["z"][j], n=64,
+    out3 = I.proposal_block(post, 3, model, f2, gal["sigma"][j], gal["z"][j], n=200,
                             widen=1.5)
     assert not np.allclose(out3["log_w"], out["log_w"])
 
@@ -269,11 +269,12 @@ def test_catalog_batch_equals_the_per_galaxy_loop_with_one_compilation(setup):
     post, model, gal = setup
     flux, sigma, z = gal["flux"].copy(), gal["sigma"].copy(), gal["z"].copy()
     flux[3] = np.nan  # no usable band
-    kw = dict(n_initial=64, n_max=256, target_ess=40, n_out=50, group=1)  # as proposal_block
+    # one compiled program for this module's proposals: 200 draws a block, widen 1.5, group 1
+    kw = dict(n_initial=200, n_max=800, target_ess=40, n_out=50, group=1)
     res = post.sample_exact(7, model, flux, sigma, z, **kw)
     n_compiled = I.compiled_block_count()
     assert res.theta.shape == (4, 50, 12) and res.s.shape == (4, 50, 11)
-    assert np.all(res.n_draws[:3] >= 64) and np.all(res.n_draws[:3] <= 256)
+    assert np.all(res.n_draws[:3] >= 200) and np.all(res.n_draws[:3] <= 800)
     for i in range(3):
         one = I.sample_exact(post, 7, model, flux[i], sigma[i], z[i], rows=[i], **kw)
         np.testing.assert_allclose(one.s, res.s[i], rtol=1e-6, atol=1e-6)
@@ -290,8 +291,8 @@ def test_catalog_batch_equals_the_per_galaxy_loop_with_one_compilation(setup):
 def test_non_finite_likelihood_and_wrong_bands(setup):
     post, model, gal = setup
     flux = gal["flux"][0] * 0 + 1e30  # (pred - flux)^2 / sigma^2 overflows float32 for every draw
-    r = I.sample_exact(post, 0, model, flux, gal["sigma"][0], gal["z"][0], n_initial=64,
-                       n_max=256, n_out=10, group=1)
+    r = I.sample_exact(post, 0, model, flux, gal["sigma"][0], gal["z"][0], n_initial=200,
+                       n_max=800, n_out=10, group=1)
     assert r.flag and np.isnan(r.ess) and np.isnan(r.pareto_k) and "finite" in r.reason
     assert np.all(np.isnan(r.s))
     bad = sj.load_model(filters=list(BANDS[:4]) + ["galex_nuv"], z_max=0.2)

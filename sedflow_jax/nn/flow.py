@@ -653,10 +653,13 @@ class Flow(nnx.Module):
         if sampler != "prefix":
             raise ValueError(f"sampler must be 'prefix' or 'loop', got {sampler!r}")
         z = dist.distribution.sample(seed=key, sample_shape=(n,))  # same base draws as 'loop'
-        return self._noise_to_theta(z, x)
+        return self.noise_to_theta(z, x)
 
-    def _noise_to_theta(self, z, x):
-        """Sampling direction of the whole flow via a scan over the (stacked) blocks."""
+    def noise_to_theta(self, z, x):
+        """The flow's sampling direction: base draws ``z`` (n, d_theta) -> theta (n, d_theta)
+        for context ``x`` ((d_context,) or (n, d_context)); a ``jax.lax.scan`` over the stacked
+        blocks, each inverted by the unrolled degree-prefix loop (the same values as
+        ``bijector(x).forward(z)``, but one block body to compile instead of all of them)."""
         xz = self._zscore_context(x)
         ew = self._elementwise()
         d = self.config.d_theta

@@ -40,10 +40,11 @@ flagged (``flag``; ``reason`` says why), never silently reported; one without a 
 an invalid redshift or context, or whose every draw has a non-finite weight gets NaN summaries.
 
 Draws of catalog row g, block b use the key ``fold_in(fold_in(key, g), b)``; one compiled
-function per proposal kind (first round, adapted rounds: their Student-t parameters are inputs)
-evaluates ``group`` (galaxy, block) tasks of ``n_initial`` draws each (padded), so a catalog
-costs two compilations whatever its galaxies, and a galaxy's result does not depend on
-the other rows of the call (:func:`sample_exact` of a catalog = a loop over rows with ``rows=``).
+function (the component of each draw, the mixture shares and the Student-t parameters are
+inputs, so the first and the adapted rounds share it) evaluates ``group`` (galaxy, block) tasks
+of ``n_initial`` draws each (padded), so a catalog costs one compilation whatever its galaxies
+(about half the time of compiling the two rounds apart), and a galaxy's result does not depend
+on the other rows of the call (:func:`sample_exact` of a catalog = a loop over rows with ``rows=``).
 """
 from __future__ import annotations
 
@@ -277,48 +278,35 @@ def _student_t_log_prob(y, mu, chol, df):
     return norm - 0.5 * (df + d) * jnp.log1p(q / df)
 
 
-def _student_t_draws(key, mu, chol, n: int, df):
-    """n draws (n, d) of the multivariate Student-t of :func:`_student_t_log_prob`."""
-    kz, kc = jax.random.split(key)
-    z = jax.random.normal(kz, (n, mu.shape[0]), jnp.float32)
-    g = jax.random.gamma(kc, 0.5 * df, (n,), jnp.float32) / (0.5 * df)  # chi2_df / df
-    return mu + (z @ chol.T) / jnp.sqrt(g)[:, None]
-
-
-def _task_log_weights(flow, phot, cfg, key, row, block, ctx, data, mu, chol):
-    """Draws, their base coordinates and log weights of one (galaxy, block) task. Components:
-    the flow pushing the galaxy's fitted Student-t in base space forward (mu, chol; n_t draws),
-    the flow (n_f), the widened flow (n_w), the prior (n_p); the mixture density is evaluated at
-    every draw. -> (log_w (n,), log_w_flow (n_f,), s (n, 11), u (n, 11))."""
-    n_t, n_f, n_w, n_p, widen, prior, gamma_density, logit, df = cfg
+def _task_log_weights(flow, phot, cfg, key, comp, log_frac, row, block, ctx, data, mu, chol):
+    """Draws, their base coordinates and log weights of one (galaxy, block) task. Every draw
+    belongs to the component ``comp`` (n,) names: 0 the flow pushing the galaxy's Student-t in
+    base space forward (mu, chol), 1 the flow, 2 the widened flow, 3 the prior; ``log_frac``
+    (4,) are the components' log shares of the block (-inf where absent), and the mixture density
+    is evaluated at every draw. The layout is an input, so the first round (no Student-t) and
+    the adapted rounds run one compiled program. -> (log_w (n,), log_w_flow (n,) (every draw
+    weighted against the flow alone), s (n, 11), u (n, 11))."""
+    n, widen, prior, gamma_density, logit, df = cfg
     lo, hi = (jnp.asarray(a, jnp.float32) for a in P.sampling_bounds(prior))
     k = jax.random.fold_in(jax.random.fold_in(key, row), block)
     k_base, k_prior = jax.random.split(k)
     d = lo.shape[0]
-    parts, base = [], []
-    if n_t:
-        base.append(_student_t_draws(jax.random.fold_in(k, 7), mu, chol, n_t, df))
-    if n_f + n_w:
-        z = jax.random.normal(k_base, (n_f + n_w, d), jnp.float32)
-        base.append(z * jnp.where(jnp.arange(n_f + n_w) < n_f, 1.0, widen)[:, None])
-    if base:
-        z = jnp.concatenate(base, axis=0)
-        parts.append(flow.bijector(jnp.broadcast_to(ctx, z.shape[:1] + ctx.shape)).forward(z))
-    if n_p:
-        sp = P.sample_sampling(k_prior, prior, n_p)
-        if logit:
-            pp = jnp.clip((sp - lo) / (hi - lo), 1e-7, 1.0 - 1e-7)
-            sp = jnp.log(pp) - jnp.log1p(-pp)
-        parts.append(sp)
-    y = jnp.concatenate(parts, axis=0)
+    z = jax.random.normal(k_base, (n, d), jnp.float32)
+    g = jax.random.gamma(jax.random.fold_in(k, 7), 0.5 * df, (n,), jnp.float32) / (0.5 * df)
+    u_t = mu + (z @ chol.T) / jnp.sqrt(g)[:, None]  # multivariate Student-t (chi2_df / df = g)
+    u0 = jnp.where((comp == 0)[:, None], u_t, z * jnp.where(comp == 2, widen, 1.0)[:, None])
+    sp = P.sample_sampling(k_prior, prior, n)
+    if logit:
+        pp = jnp.clip((sp - lo) / (hi - lo), 1e-7, 1.0 - 1e-7)
+        sp = jnp.log(pp) - jnp.log1p(-pp)
+    y = jnp.where((comp == 3)[:, None], sp, flow.noise_to_theta(u0, ctx))
     lq1, lqw, u, ld = _proposal_log_densities(flow, ctx, y, widen)
-    lqt = _student_t_log_prob(u, mu, chol, df) + ld if n_t else None
+    lqt = _student_t_log_prob(u, mu, chol, df) + ld
     if logit:
         s = lo + (hi - lo) * jax.nn.sigmoid(y)
         # log|dy/ds| from y (stable at the edges): -sum log((hi - lo) sigmoid(y) sigmoid(-y))
         jac = -jnp.sum(jnp.log(hi - lo) - jax.nn.softplus(-y) - jax.nn.softplus(y), axis=-1)
-        lq1, lqw = lq1 + jac, lqw + jac
-        lqt = None if lqt is None else lqt + jac
+        lq1, lqw, lqt = lq1 + jac, lqw + jac, lqt + jac
     else:
         s = y
     lp = P.log_prob_sampling(prior, s, gamma_density)
@@ -327,22 +315,20 @@ def _task_log_weights(flow, phot, cfg, key, row, block, ctx, data, mu, chol):
     # the prior component is drawn from the sampled (log-uniform gamma) prior, whatever the
     # target's gamma density
     lq_prior = lp if gamma_density == "loguniform" else P.log_prob_sampling(prior, s)
-    comps = []
-    for frac, lq in ((n_t, lqt), (n_f, lq1), (n_w, lqw), (n_p, lq_prior)):
-        if frac:
-            comps.append(math.log(frac / (n_t + n_f + n_w + n_p)) + lq)
-    lq_mix = jax.scipy.special.logsumexp(jnp.stack(comps), axis=0)
+    present = jnp.isfinite(log_frac)[:, None]
+    comps = jnp.stack([lqt, lq1, lqw, lq_prior]) + log_frac[:, None]
+    lq_mix = jax.scipy.special.logsumexp(jnp.where(present, comps, -jnp.inf), axis=0)
     good = jnp.isfinite(lp) & jnp.isfinite(ll)
     lw = jnp.where(good, lp + ll - lq_mix, -jnp.inf)
-    lw_flow = jnp.where(good, lp + ll - lq1, -jnp.inf)[n_t:n_t + n_f]
+    lw_flow = jnp.where(good, lp + ll - lq1, -jnp.inf)
     return lw, lw_flow, s, u
 
 
 @functools.lru_cache(maxsize=8)
 def _block_fn(graphdef, phot, cfg):
-    def body(state, key, rows, blocks, ctx, data, mu, chol):
+    def body(state, key, comp, log_frac, rows, blocks, ctx, data, mu, chol):
         flow = nnx.merge(graphdef, state)
-        one = functools.partial(_task_log_weights, flow, phot, cfg, key)
+        one = functools.partial(_task_log_weights, flow, phot, cfg, key, comp, log_frac)
         return jax.vmap(one)(rows, blocks, ctx, data, mu, chol)
 
     return jax.jit(body)
@@ -418,9 +404,27 @@ def _prepare(posterior, model, flux, sigma, z, mask):
     return data, np.nan_to_num(ctx).astype(np.float32), np.asarray(ood, bool), reason
 
 
-def _run_tasks(fn, state, key, ctx, data, rows, group: int, params=None):
-    """A block_fn for :func:`adaptive_importance`: tasks (local index, block) run ``group`` at a
-    time (padded); local index i draws with the key of catalog row ``rows[i]`` and the Student-t
+class _Layout(NamedTuple):
+    """The components of a block's draws: ``comp`` (n,) int32 (0 the Student-t, 1 the flow, 2
+    the widened flow, 3 the prior, in that order), their log shares ``log_frac`` (4,) (-inf where
+    absent) and ``counts`` (4,)."""
+
+    comp: np.ndarray
+    log_frac: np.ndarray
+    counts: tuple
+
+
+def _layout(counts) -> _Layout:
+    counts = tuple(int(c) for c in counts)
+    with np.errstate(divide="ignore"):
+        log_frac = np.log(np.asarray(counts, np.float64) / sum(counts)).astype(np.float32)
+    return _Layout(np.repeat(np.arange(4, dtype=np.int32), counts), log_frac, counts)
+
+
+def _run_tasks(fn, layout: _Layout, state, key, ctx, data, rows, group: int, params=None):
+    """A block_fn for :func:`adaptive_importance`: tasks (local index, block) of the proposal
+    ``layout`` run ``group`` at a time (padded); local index i draws with the key of catalog row
+    ``rows[i]`` and the Student-t
     ``params = (mu (m, d), chol (m, d, d))`` of row i (unused by a proposal without one). The
     draws it returns are (T, n, 22): the sampling-space s (first 11 columns) next to the flow's
     base coordinates u (last 11), which the adaptation fits."""
@@ -440,11 +444,12 @@ def _run_tasks(fn, state, key, ctx, data, rows, group: int, params=None):
             g, b = t[i:i + group, 0], t[i:i + group, 1]
             d = {k: v[g] for k, v in jdata.items()}
             pg = np.minimum(g, mu.shape[0] - 1)
-            outs.append(fn(state, key, rows[g].astype(np.uint32), b.astype(np.uint32), ctx[g], d,
-                           mu[pg], chol[pg]))
+            outs.append(fn(state, key, layout.comp, layout.log_frac, rows[g].astype(np.uint32),
+                           b.astype(np.uint32), ctx[g], d, mu[pg], chol[pg]))
         lw, lwf, s, u = (np.concatenate([np.asarray(o[j]) for o in outs])[:nt]
                          for j in range(4))
-        return lw, lwf, np.concatenate([s, u], axis=-1)
+        n_t, n_f = layout.counts[:2]
+        return lw, lwf[:, n_t:n_t + n_f], np.concatenate([s, u], axis=-1)
 
     return run
 
@@ -474,12 +479,13 @@ def _fill(out: dict, i: int, lw, lwf, s, rng, target_ess: float, n_out: int,
 
 
 class _Compiled(NamedTuple):
-    """What one :func:`sample_exact` call runs: the compiled block functions of the first
-    (defensive mixture) and the adapted proposal (None without adaptation), the flow state, the
-    typed key and its data, and the flow draws per first-round block."""
+    """What one :func:`sample_exact` call runs: the compiled block function, the layouts of the
+    first (defensive mixture) and the adapted proposal (None without adaptation), the flow
+    state, the typed key and its data, and the flow draws per first-round block."""
 
-    first: object
-    adapted: object
+    fn: object
+    first: _Layout
+    adapted: Optional[_Layout]
     state: object
     key: object
     kdata: object
@@ -499,16 +505,14 @@ def _setup(posterior, model, key, n_initial, defensive, widen, gamma_density,
     if gamma_density not in ("loguniform", "flat"):
         raise ValueError(f"gamma_density must be 'loguniform' or 'flat', got {gamma_density!r}")
     n0 = int(n_initial)
-    tail = (float(widen), posterior.prior, gamma_density, posterior.theta_space == "logit",
-            ADAPT_DF)
+    cfg = (n0, float(widen), posterior.prior, gamma_density, posterior.theta_space == "logit",
+           ADAPT_DF)
     graphdef, state = nnx.split(posterior.flow)
-    phot = model.photometry_fn()
-    counts = (0,) + _mix_counts(n0, defensive)
-    first = _get_block_fn(graphdef, phot, counts + tail)
-    adapted = _get_block_fn(graphdef, phot, _adapted_counts(n0, defensive) + tail) if adapt \
-        else None
+    fn = _get_block_fn(graphdef, model.photometry_fn(), cfg)
+    first = _layout((0,) + _mix_counts(n0, defensive))
+    adapted = _layout(_adapted_counts(n0, defensive)) if adapt else None
     _, kdata, _, key = key_parts(as_key(key))
-    return _Compiled(first, adapted, state, key, kdata, counts[1])
+    return _Compiled(fn, first, adapted, state, key, kdata, first.counts[1])
 
 
 def proposal_block(posterior, key, model, flux, sigma, z, *, mask=None, n: int = 2000,
@@ -527,9 +531,10 @@ def proposal_block(posterior, key, model, flux, sigma, z, *, mask=None, n: int =
                                     None if mask is None else np.atleast_2d(mask))
     c = _setup(posterior, model, key, n, defensive, widen, gamma_density, int(adapted is not None))
     params = None if adapted is None else tuple(np.asarray(a, np.float32)[None] for a in adapted)
-    lw, lwf, s = _run_tasks(c.adapted if params else c.first, c.state, c.key, ctx, data,
+    layout = c.adapted if params else c.first
+    lw, lwf, s = _run_tasks(c.fn, layout, c.state, c.key, ctx, data,
                             np.asarray([row], np.int64), 1, params)([(0, int(block))])
-    counts = _adapted_counts(int(n), defensive) if params else (0,) + _mix_counts(int(n), defensive)
+    counts = layout.counts
     return dict(s=s[0, :, :P.N_SAMPLING], u=s[0, :, P.N_SAMPLING:], log_w=lw[0],
                 log_w_flow=lwf[0], **dict(zip(("n_t", "n_flow", "n_wide", "n_prior"), counts)),
                 reason=str(reason[0]))
@@ -667,8 +672,8 @@ def sample_exact(posterior, key, model, flux, sigma, z, *, mask=None, n_initial:
     c = _setup(posterior, model, key, n_initial, defensive, widen, gamma_density, int(adapt))
     group = int(group or max(1, 16384 // int(n_initial)))
 
-    def runner(fn, params):
-        return _run_tasks(fn, c.state, c.key, ctx, data, rows, group, params)
+    def runner(layout, params):
+        return _run_tasks(c.fn, layout, c.state, c.key, ctx, data, rows, group, params)
 
     out = _empty(m, int(n_out), ood, reason)
     fit = np.flatnonzero(reason == "")
