@@ -57,15 +57,21 @@ class Samples(NamedTuple):
         return s[ok], theta[ok]
 
 
+#: flow draws evaluated together inside a compiled sampling call (on 2 CPU cores the shipped
+#: 5 x 128 flow draws 8.1e4/s in blocks of 4,096 and 4.0e4/s in one block of 262,144)
+BLOCK_DRAWS = 4096
+
+
 @functools.lru_cache(maxsize=16)
 def _sample_fn(graphdef, n: int, sampler: str, mesh):
     def body(state, key, idx, xs):
         flow = nnx.merge(graphdef, state)
 
-        def one(i, x):
-            return flow.sample(jax.random.fold_in(key, i), x, n, sampler=sampler)
+        def one(a):
+            return flow.sample(jax.random.fold_in(key, a[0]), a[1], n, sampler=sampler)
 
-        return jax.vmap(one)(idx, xs)
+        # a few rows at a time: the activations of ~BLOCK_DRAWS draws stay in cache
+        return jax.lax.map(one, (idx, xs), batch_size=max(1, BLOCK_DRAWS // max(n, 1)))
 
     if mesh is None:
         return jax.jit(body)
