@@ -57,21 +57,46 @@ class Samples(NamedTuple):
         return s[ok], theta[ok]
 
 
-#: flow draws evaluated together inside a compiled sampling call (on 2 CPU cores the shipped
-#: 5 x 128 flow draws 8.1e4/s in blocks of 4,096 and 4.0e4/s in one block of 262,144)
+#: flow draws evaluated together inside a compiled sampling call on a CPU (on 2 cores the
+#: shipped 5 x 128 flow draws 8.1e4/s in blocks of 4,096 and 4.0e4/s in one block of 262,144);
+#: an accelerator evaluates a call's rows at once
 BLOCK_DRAWS = 4096
+
+
+def _rows_per_block(n: int, backend: str) -> int | None:
+    """Rows evaluated together for ``n`` draws each: a power of two, ~:data:`BLOCK_DRAWS` draws
+    (None: all the call's rows at once)."""
+    if backend != "cpu":
+        return None
+    return 1 << (max(1, BLOCK_DRAWS // max(n, 1)).bit_length() - 1)
+
+
+def _block_for(rows: int, block: int | None) -> int | None:
+    """The block that divides a call of ``rows`` rows (one copy of the flow in the compiled
+    program, no remainder): the largest power of two <= ``block`` dividing ``rows``."""
+    if block is None or rows <= block:
+        return None
+    b = block
+    while rows % b:
+        b //= 2
+    return b
 
 
 @functools.lru_cache(maxsize=16)
 def _sample_fn(graphdef, n: int, sampler: str, mesh):
+    block = _rows_per_block(n, jax.default_backend())
+
     def body(state, key, idx, xs):
         flow = nnx.merge(graphdef, state)
 
         def one(a):
             return flow.sample(jax.random.fold_in(key, a[0]), a[1], n, sampler=sampler)
 
-        # a few rows at a time: the activations of ~BLOCK_DRAWS draws stay in cache
-        return jax.lax.map(one, (idx, xs), batch_size=max(1, BLOCK_DRAWS // max(n, 1)))
+        b = _block_for(idx.shape[0], block)
+        if b is None:
+            return jax.vmap(one)((idx, xs))
+        # on a CPU a few rows at a time: the activations of ~BLOCK_DRAWS draws stay in cache
+        return jax.lax.map(one, (idx, xs), batch_size=b)
 
     if mesh is None:
         return jax.jit(body)
@@ -95,6 +120,9 @@ class RowSampler:
         self.state = state if mesh is None else parallel.replicate(state, mesh)
         self.fn = _sample_fn(graphdef, self.n, sampler, mesh)
         g = max(1, int(max_rows) // max(self.n, 1))
+        block = _rows_per_block(self.n, jax.default_backend()) or 1
+        if g > block:  # whole blocks per device (the compiled call has no remainder)
+            g = max(block, g // (block * self.ndev) * block * self.ndev)
         self.group = math.ceil(g / self.ndev) * self.ndev
 
     def group_for(self, m: int) -> int:
