@@ -424,10 +424,9 @@ def _layout(counts) -> _Layout:
 def _run_tasks(fn, layout: _Layout, state, key, ctx, data, rows, group: int, params=None):
     """A block_fn for :func:`adaptive_importance`: tasks (local index, block) of the proposal
     ``layout`` run ``group`` at a time (padded); local index i draws with the key of catalog row
-    ``rows[i]`` and the Student-t
-    ``params = (mu (m, d), chol (m, d, d))`` of row i (unused by a proposal without one). The
-    draws it returns are (T, n, 22): the sampling-space s (first 11 columns) next to the flow's
-    base coordinates u (last 11), which the adaptation fits."""
+    ``rows[i]`` and the Student-t ``params = (mu (m, d), chol (m, d, d))`` of row i (unused by a
+    proposal without one). The draws it returns are (T, n, 22): the sampling-space s (first 11
+    columns) next to the flow's base coordinates u (last 11), which the adaptation fits."""
     jdata = {k: data[k] for k in ("flux", "prec", "ok", "z")}
     if params is None:
         d = P.N_SAMPLING
@@ -534,9 +533,9 @@ def proposal_block(posterior, key, model, flux, sigma, z, *, mask=None, n: int =
     layout = c.adapted if params else c.first
     lw, lwf, s = _run_tasks(c.fn, layout, c.state, c.key, ctx, data,
                             np.asarray([row], np.int64), 1, params)([(0, int(block))])
-    counts = layout.counts
     return dict(s=s[0, :, :P.N_SAMPLING], u=s[0, :, P.N_SAMPLING:], log_w=lw[0],
-                log_w_flow=lwf[0], **dict(zip(("n_t", "n_flow", "n_wide", "n_prior"), counts)),
+                log_w_flow=lwf[0],
+                **dict(zip(("n_t", "n_flow", "n_wide", "n_prior"), layout.counts)),
                 reason=str(reason[0]))
 
 
