@@ -190,20 +190,21 @@ def test_vmapped_kernel_equals_batch_and_single_calls(small):
 
 
 def test_vmapped_kernel_uses_the_blocked_path(small):
-    """vmap of the kernel traces to the blocked batch (a scan over the n // BLOCK blocks), not
-    to a plain vmap of the kernel; nested vmaps fold into one such scan. Tracing only."""
-    n = 40 * M.BLOCK + 3  # 40 blocks: longer than any searchsorted scan inside the kernel
+    """vmap of the kernel traces to the blocked batch (a scan over ceil(n / BLOCK) equal
+    blocks), not to a plain vmap of the kernel; nested vmaps fold into one such scan. Tracing
+    only."""
+    n = 40 * M.BLOCK + 3  # 41 blocks: longer than any searchsorted scan inside the kernel
     th = jnp.broadcast_to(jnp.asarray(THETA0, jnp.float32), (n, 12))
     zs = jnp.full((n,), 0.1, jnp.float32)
 
-    def blocks(jaxpr):
-        return re.search(r"length=40\b", str(jaxpr)) is not None
+    def blocks(jaxpr, k):
+        return re.search(rf"length={k}\b", str(jaxpr)) is not None
 
-    assert not blocks(jax.make_jaxpr(jax.vmap(_plain_kernel(small)))(th, zs))
-    assert blocks(jax.make_jaxpr(jax.vmap(small.photometry_fn()))(th, zs))
+    assert not blocks(jax.make_jaxpr(jax.vmap(_plain_kernel(small)))(th, zs), 41)
+    assert blocks(jax.make_jaxpr(jax.vmap(small.photometry_fn()))(th, zs), 41)
     nested = jax.make_jaxpr(jax.vmap(jax.vmap(small.photometry_fn())))(
-        th[:-3].reshape(8, -1, 12), zs[:-3].reshape(8, -1))  # 8 x 1280 rows: 40 blocks too
-    assert blocks(nested)
+        th[:-3].reshape(8, -1, 12), zs[:-3].reshape(8, -1))  # 8 x 1280 rows: 40 blocks
+    assert blocks(nested, 40)
 
 
 def test_grad_through_vmapped_kernel(small):

@@ -302,6 +302,38 @@ def site_log_density(target: Target, space: str):
     return logp
 
 
+def _zero_cotangent(a):
+    a = jnp.asarray(a)
+    if jnp.issubdtype(a.dtype, jnp.inexact):
+        return jnp.zeros_like(a)
+    return np.zeros(a.shape, jax.dtypes.float0)
+
+
+def _value_and_grad_once(logp):
+    """``logp(y, data)`` whose value and gradient in y come from one compiled function.
+
+    An eager ``jax.value_and_grad`` of a jitted function (NumPyro's initialisation of a chain)
+    compiles three programs (the value, its linearisation, the transpose: ~3 s each for the SED
+    model); this one compiles ``value_and_grad(logp)`` once and reuses it for both. Reverse
+    mode only (no ``jax.jvp``); ``data`` gets zero cotangents."""
+    vg = jax.jit(jax.value_and_grad(logp))
+
+    @jax.custom_vjp
+    def f(y, data):
+        return vg(y, data)[0]
+
+    def fwd(y, data):
+        v, g = vg(y, data)
+        return v, (g, data)
+
+    def bwd(res, ct):
+        g, data = res
+        return ct * g, jax.tree_util.tree_map(_zero_cotangent, data)
+
+    f.defvjp(fwd, bwd)
+    return f
+
+
 def numpyro_model(target: Target, *, space: str = "unconstrained"):
     """A NumPyro model of ``target``: ``model(data)`` with one site ``'y'`` (d,).
 
@@ -311,10 +343,9 @@ def numpyro_model(target: Target, *, space: str = "unconstrained"):
     only for gradient-free samplers). Use with ``MCMC(...).run(key, target.data)``.
     """
     d = target.dim
-    # jitted: NumPyro traces the model eagerly when it initialises each chain (op by op, ~7 s per
-    # chain for the SED model); one compiled call makes that cheap. Inside the sampler's own jit
-    # the inner jit is inlined.
-    logp = jax.jit(site_log_density(target, space))
+    # compiled: NumPyro traces the model eagerly when it initialises each chain (op by op, ~7 s
+    # per chain for the SED model); inside the sampler's own jit it is inlined
+    logp = _value_and_grad_once(site_log_density(target, space))
 
     def model(data):
         y = numpyro.sample("y", dist.ImproperUniform(dist.constraints.real, (), (d,)))

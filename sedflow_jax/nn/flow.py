@@ -402,33 +402,61 @@ class MADE(nnx.Module):
             out = out + self.output_context_layer(context)
         return out.reshape(out.shape[:-1] + (self.k, self.d)).swapaxes(-1, -2)  # (..., d, k)
 
+    def prefix_tables(self, context: jnp.ndarray) -> "PrefixTables":
+        """What every :meth:`params_for_dim` step shares, computed once per sampling pass: the
+        context's hidden activations and output offsets (..., hidden), (..., k * d), and the
+        masked kernels (evaluation mode; batch norm folded into each hidden layer)."""
+        act = self._act
+        c = act(context @ self.context_layer.kernel[...] + self.context_layer.bias[...])
+        ob = self.output_layer.bias[...]
+        if self.output_context_layer is not None:
+            ob = ob + context @ self.output_context_layer.kernel[...]
+        hidden = []
+        for li, layer in enumerate(self.hidden_layers):
+            shift, scale = None, None
+            if self.use_bn:
+                bn = self.batch_norms[li]
+                scale = jax.lax.rsqrt(bn.var[...] + bn.epsilon) * bn.scale[...]
+                shift = bn.bias[...] - bn.mean[...] * scale
+            hidden.append((scale, shift, layer.masked_kernel(), layer.bias[...]))
+        return PrefixTables(c, ob, self.input_layer.masked_kernel(), self.input_layer.bias[...],
+                            tuple(hidden), self.output_layer.masked_kernel())
+
     def params_for_dim(self, theta_prefix: jnp.ndarray, context: jnp.ndarray,
-                       i: int) -> jnp.ndarray:
+                       i: int, tables: "PrefixTables | None" = None) -> jnp.ndarray:
         """Evaluation-mode parameters (..., k) of dimension ``i`` (static) from
         ``theta_prefix = theta[..., :i]`` only, computing just the hidden units of degree <= i
-        (the degrees are sorted, so those are a prefix of every hidden layer)."""
+        (the degrees are sorted, so those are a prefix of every hidden layer). ``tables``:
+        :meth:`prefix_tables` of ``context``, shared by the d steps of one pass."""
+        t = self.prefix_tables(context) if tables is None else tables
         act = self._act
         p = _hidden_prefix(self.d, self.hidden)[i]
         cols = np.arange(self.k) * self.d + i
-        ob = self.output_layer.bias[...][cols]
-        if self.output_context_layer is not None:
-            ob = ob + context @ self.output_context_layer.kernel[...][:, cols]
+        ob = t.out_offset[..., cols]
         if p == 0:
             return jnp.broadcast_to(ob, theta_prefix.shape[:-1] + (self.k,))
-        c = act(context @ self.context_layer.kernel[...][:, :p] + self.context_layer.bias[...][:p])
         if i > 0:
-            kin = self.input_layer.masked_kernel()[:i, :p]
-            h = theta_prefix @ kin + self.input_layer.bias[...][:p] + c
+            h = theta_prefix @ t.in_kernel[:i, :p] + t.in_bias[:p] + t.context[..., :p]
         else:  # d == 1: hidden units see only the context
-            h = jnp.broadcast_to(self.input_layer.bias[...][:p] + c, theta_prefix.shape[:-1] + (p,))
+            h = jnp.broadcast_to(t.in_bias[:p] + t.context[..., :p],
+                                 theta_prefix.shape[:-1] + (p,))
         h = act(h)
-        for li, layer in enumerate(self.hidden_layers):
-            if self.use_bn:
-                bn = self.batch_norms[li]
-                inv = jax.lax.rsqrt(bn.var[...][:p] + bn.epsilon) * bn.scale[...][:p]
-                h = (h - bn.mean[...][:p]) * inv + bn.bias[...][:p]
-            h = act(h @ layer.masked_kernel()[:p, :p] + layer.bias[...][:p])
-        return h @ self.output_layer.masked_kernel()[:p][:, cols] + ob
+        for scale, shift, kernel, bias in t.hidden:
+            if scale is not None:
+                h = h * scale[:p] + shift[:p]
+            h = act(h @ kernel[:p, :p] + bias[:p])
+        return h @ t.out_kernel[:p][:, cols] + ob
+
+
+class PrefixTables(NamedTuple):
+    """A MADE's evaluation-mode pieces for one context (see :meth:`MADE.prefix_tables`)."""
+
+    context: jnp.ndarray
+    out_offset: jnp.ndarray
+    in_kernel: jnp.ndarray
+    in_bias: jnp.ndarray
+    hidden: tuple
+    out_kernel: jnp.ndarray
 
 
 def _torch_bias_init(fan_in: int):
@@ -670,11 +698,12 @@ class Flow(nnx.Module):
         def body(y, inp):
             state, inv_perm = inp
             made = nnx.merge(gds[0], state)
+            tables = made.prefix_tables(xz)
             y = jnp.take(y, inv_perm, axis=-1)  # Permute.forward
             cols = []
             for i in range(d):
                 prefix = jnp.stack(cols, axis=-1) if cols else y[..., :0]
-                xi, _ = ew.inv(y[..., i], made.params_for_dim(prefix, xz, i))
+                xi, _ = ew.inv(y[..., i], made.params_for_dim(prefix, xz, i, tables))
                 cols.append(xi)
             return jnp.stack(cols, axis=-1), None
 

@@ -315,9 +315,15 @@ def _resume_state(resume_from, cfg: TrainConfig, fcfg: FlowConfig, source, seed:
 
 
 def _train_epoch(st: _TrainState, train_step, source, is_train, batch_size: int, dp) -> float:
-    """One pass over the training rows (shuffled by ``st.rng``); the mean training loss."""
+    """One pass over the training rows (shuffled by ``st.rng``); the mean training loss.
+
+    The pass's last, partial batch is skipped when full batches came before it (its rows are
+    reshuffled into the next pass): a second batch shape would compile the training step a
+    second time (seconds, once per ``fit``) for a few rows."""
     losses, sizes = [], []
     for t, x in source.iter_batches(st.rng, batch_size, is_train):
+        if sizes and t.shape[0] < batch_size:
+            break
         if dp is not None:
             t, x = dp.batch(t, x)
         st.params, st.rest, st.opt_state, loss = train_step(st.params, st.rest, st.opt_state,

@@ -75,7 +75,7 @@ DEFAULT_WIDEN = 1.5
 #: (the rest: the defensive mixture) and its degrees of freedom
 DEFAULT_ADAPT = 8
 ADAPT_SHARE = 0.8
-ADAPT_DF = 5.0
+ADAPT_DF = 5
 #: the effective draws a refit's (tempered) weights keep at least
 ADAPT_ESS_MIN = 100.0
 #: PSIS reliability threshold (Vehtari et al. 2024)
@@ -292,7 +292,8 @@ def _task_log_weights(flow, phot, cfg, key, comp, log_frac, row, block, ctx, dat
     k_base, k_prior = jax.random.split(k)
     d = lo.shape[0]
     z = jax.random.normal(k_base, (n, d), jnp.float32)
-    g = jax.random.gamma(jax.random.fold_in(k, 7), 0.5 * df, (n,), jnp.float32) / (0.5 * df)
+    e = jax.random.normal(jax.random.fold_in(k, 7), (n, int(df)), jnp.float32)
+    g = jnp.sum(e * e, axis=-1) / df
     u_t = mu + (z @ chol.T) / jnp.sqrt(g)[:, None]  # multivariate Student-t (chi2_df / df = g)
     u0 = jnp.where((comp == 0)[:, None], u_t, z * jnp.where(comp == 2, widen, 1.0)[:, None])
     sp = P.sample_sampling(k_prior, prior, n)

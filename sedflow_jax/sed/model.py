@@ -245,9 +245,20 @@ BLOCK = 256
 
 
 def _phot_batch(theta, z, tabs: Tables, cfg: ModelConfig):
-    """Nanomaggies (n, n_filters) for theta (n, 12), z (n,): vmap in blocks of BLOCK galaxies."""
-    return jax.lax.map(lambda a: _phot_kernel(a[0], a[1], tabs, cfg), (theta, z),
-                       batch_size=BLOCK)
+    """Nanomaggies (n, n_filters) for theta (n, 12), z (n,): vmap in equal blocks of at most
+    BLOCK galaxies. The rows are padded (with copies of the last) to a whole number of blocks:
+    ``lax.map`` compiles a second copy of the kernel for a remainder (~1 s of compilation)."""
+    n = z.shape[0]
+    if n == 0:
+        return jax.vmap(lambda t, zz: _phot_kernel(t, zz, tabs, cfg))(theta, z)
+    nb = -(-n // BLOCK)
+    b = -(-n // nb)  # <= BLOCK; pads fewer than nb rows
+    pad = nb * b - n
+    if pad:
+        theta = jnp.concatenate([theta, jnp.broadcast_to(theta[-1:], (pad,) + theta.shape[1:])])
+        z = jnp.concatenate([z, jnp.broadcast_to(z[-1:], (pad,))])
+    out = jax.lax.map(lambda a: _phot_kernel(a[0], a[1], tabs, cfg), (theta, z), batch_size=b)
+    return out[:n] if pad else out
 
 
 def _broadcast_rows(axis_size, in_batched, theta, z):
@@ -424,13 +435,14 @@ class SEDModel:
         shape = np.broadcast_shapes(th.shape[:-1], zz.shape)
         th = np.broadcast_to(th, shape + (N_PARAMS,)).reshape(-1, N_PARAMS)
         zz = np.broadcast_to(zz, shape).reshape(-1)
-        return jnp.asarray(th, self.dtype), jnp.asarray(zz, self.dtype), shape
+        return th.astype(self.dtype), zz.astype(self.dtype), shape
 
     # ---------------- public API ----------------
     def photometry(self, theta, z):
         """Nanomaggies, shape (..., n_filters), for theta (..., 12) and z (...) (broadcast)."""
         th, zz, shape = self._prepare(theta, z)
-        return self.phot_batch(th, zz, self.tables).reshape(shape + (len(self.filters),))
+        out = _on_bucketed_rows(self.phot_batch, th, zz, self.tables)
+        return out.reshape(shape + (len(self.filters),))
 
     def magnitudes(self, theta, z):
         """AB magnitudes, shape (..., n_filters)."""
@@ -458,8 +470,32 @@ class SEDModel:
     def derived(self, theta, z) -> DerivedProps:
         """Derived properties (:class:`DerivedProps`), each of shape (...)."""
         th, zz, shape = self._prepare(theta, z)
-        out = self._derived_batch(th, zz, self.tables)
+        out = _on_bucketed_rows(self._derived_batch, th, zz, self.tables)
         return DerivedProps(*(a.reshape(shape) for a in out))
+
+
+def bucket_rows(n: int, smallest: int = 64) -> int:
+    """The row count an eager batch call of n rows is padded to: the next of 2^k and
+    1.5 x 2^k, at least ``smallest`` (a bounded number of compiled shapes; < 50 % padding)."""
+    b = smallest
+    while b < n:
+        b = b * 3 // 2 if (b & (b - 1)) == 0 else (b // 3) * 4
+    return b
+
+
+def _on_bucketed_rows(fn, theta, z, *args):
+    """``fn(theta (n, 12), z (n,), *args)`` (per-row outputs (n, ...)) evaluated on rows padded
+    to :func:`bucket_rows` (copies of the last row), unpadded on return; traced inputs as
+    they are (the enclosing program has one shape)."""
+    n = z.shape[0]
+    if _is_traced(theta, z) or n == 0:
+        return fn(jnp.asarray(theta), jnp.asarray(z), *args)
+    pad = bucket_rows(n) - n
+    if pad:  # numpy inputs (eager calls): padded on the host, no compiled op per shape
+        theta = np.concatenate([theta, np.repeat(theta[-1:], pad, axis=0)])
+        z = np.concatenate([z, np.repeat(z[-1:], pad)])
+    out = fn(jnp.asarray(theta), jnp.asarray(z), *args)
+    return jax.tree_util.tree_map(lambda a: a[:n], out) if pad else out
 
 
 def check_inputs(theta: np.ndarray, z: np.ndarray, z_max: float) -> None:
