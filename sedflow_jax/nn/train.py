@@ -52,7 +52,8 @@ class TrainConfig:
 
     Attributes:
         learning_rate: Adam step size (SEDflow / sbi: 5e-4).
-        batch_size: training batch size (paper: 50; default 512 for speed).
+        batch_size: training batch size (paper: 50; default 512 for speed). A pass's last, partial
+            batch is skipped (reshuffled into the next pass) unless it is the only one.
         clip_norm: gradient clipping by global norm (5.0); None or <= 0 disables it.
         val_fraction: fraction of rows held out for validation / early stopping.
         patience: stop after this many epochs without a better validation loss.
