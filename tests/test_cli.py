@@ -111,6 +111,8 @@ def test_simulate_calibration_floor_default_on_and_recorded(tmp_path, monkeypatc
     (SEDflow's fitted noise as is); the choice is part of the recorded configuration."""
     import tomllib
 
+    import sedflow_jax.demo  # noqa: F401  (modules that bind `simulate` by name at import:
+    import sedflow_jax.io.mocks  # noqa: F401  imported here, they never see the fake below)
     from sedflow_jax.sim import simulate as S
 
     class Stop(Exception):

@@ -18,6 +18,9 @@ __all__ = ["find_map", "initial_points"]
 
 
 def _adam_fit(target: Target, steps: int, lr: float):
+    """``fit(y0 (m, d), data) -> (best y (m, d), its loss (m,))``: ``steps`` Adam steps from each
+    start, keeping the best point seen. One compiled step, looped on the host: a ``lax.scan``
+    over the steps compiled ~4x longer (~11 s for the SED model) for a loop that runs < 1 s."""
     def build():
         tx = optax.adam(lr)
 
@@ -26,25 +29,26 @@ def _adam_fit(target: Target, steps: int, lr: float):
             lp = target.log_density(x, data)
             return -jnp.where(jnp.isfinite(lp), lp, -1e30)
 
-        vg = jax.value_and_grad(loss)
+        vg = jax.vmap(jax.value_and_grad(loss), in_axes=(0, None))
 
-        def one(y0, data):
-            def body(carry, _):
-                y, st, best_y, best_l = carry
-                l, g = vg(y, data)
-                g = jnp.where(jnp.isfinite(g), g, 0.0)
-                better = l < best_l
-                best_y = jnp.where(better, y, best_y)
-                best_l = jnp.where(better, l, best_l)
-                upd, st = tx.update(g, st, y)
-                return (optax.apply_updates(y, upd), st, best_y, best_l), None
+        @jax.jit
+        def step(carry, data):
+            y, st, best_y, best_l = carry
+            l, g = vg(y, data)
+            g = jnp.where(jnp.isfinite(g), g, 0.0)
+            better = l < best_l
+            best_y = jnp.where(better[:, None], y, best_y)
+            best_l = jnp.where(better, l, best_l)
+            upd, st = tx.update(g, st, y)
+            return optax.apply_updates(y, upd), st, best_y, best_l
 
-            init = (y0, tx.init(y0), y0, jnp.asarray(jnp.inf, y0.dtype))
-            (y, _, by, bl), _ = jax.lax.scan(body, init, None, length=steps)
-            l_end = loss(y, data)
-            return jnp.where(l_end < bl, y, by), jnp.minimum(l_end, bl)
+        def fit(y0, data):
+            carry = (y0, tx.init(y0), y0, jnp.full(y0.shape[:1], jnp.inf, y0.dtype))
+            for _ in range(steps + 1):  # the last call only scores the end point
+                carry = step(carry, data)
+            return carry[2], carry[3]
 
-        return jax.jit(jax.vmap(one, in_axes=(0, None)))
+        return fit
 
     return COMPILED.get(("adam", steps, lr) + target_key(target), build)
 
