@@ -46,14 +46,23 @@ def model():
 THETA0 = np.array([10.0, 0.25, 0.25, 0.25, 0.25, 0.1, 2.0, 1e-3, 1e-3, 0.5, 0.5, -0.3])
 
 
+#: a worker drops its compiled code after every RELEASE_EVERY-th test module: after every module,
+#: each module recompiled the small eager-op programs it shares with the others
+RELEASE_EVERY = 3
+_MODULES_RUN = [0]
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_code():
-    """Drop compiled XLA executables after each test module.
+    """Drop compiled XLA executables after every few test modules.
 
     The suite compiles hundreds of programs in one process; on the 2-core CI machine a
     20-minute session once ended in a segfault inside XLA's CPU runtime. Releasing the jit
-    caches between modules keeps the loaded code small (modules rebuild what they need)."""
+    caches keeps the loaded code small (modules rebuild what they need)."""
     yield
+    _MODULES_RUN[0] += 1
+    if _MODULES_RUN[0] % RELEASE_EVERY:
+        return
     import gc
 
     import jax
