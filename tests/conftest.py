@@ -2,7 +2,7 @@ import os
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 # a persistent XLA compilation cache for this test session (and its subprocesses): the suite
-# releases compiled code after every module (see _release_compiled_code), and later modules
+# releases compiled code after every few modules (see _release_compiled_code), and later modules
 # recompile many of the same programs; with the cache they are read back instead of recompiled
 _OWN_CACHE = None  # the cache directory this process made (removed when the session ends)
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
@@ -11,6 +11,8 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _OWN_CACHE = tempfile.mkdtemp(prefix="sedflow-jax-xla-cache-")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+
+import itertools
 
 import numpy as np
 import pytest
@@ -49,7 +51,7 @@ THETA0 = np.array([10.0, 0.25, 0.25, 0.25, 0.25, 0.1, 2.0, 1e-3, 1e-3, 0.5, 0.5,
 #: a worker drops its compiled code after every RELEASE_EVERY-th test module: after every module,
 #: each module recompiled the small eager-op programs it shares with the others
 RELEASE_EVERY = 3
-_MODULES_RUN = [0]
+_MODULES_RUN = itertools.count(1)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -60,8 +62,7 @@ def _release_compiled_code():
     20-minute session once ended in a segfault inside XLA's CPU runtime. Releasing the jit
     caches keeps the loaded code small (modules rebuild what they need)."""
     yield
-    _MODULES_RUN[0] += 1
-    if _MODULES_RUN[0] % RELEASE_EVERY:
+    if next(_MODULES_RUN) % RELEASE_EVERY:
         return
     import gc
 

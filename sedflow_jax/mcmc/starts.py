@@ -42,15 +42,18 @@ def _adam_fit(target: Target, steps: int, lr: float):
             upd, st = tx.update(g, st, y)
             return optax.apply_updates(y, upd), st, best_y, best_l
 
-        def fit(y0, data):
-            carry = (y0, tx.init(y0), y0, jnp.full(y0.shape[:1], jnp.inf, y0.dtype))
-            for _ in range(steps + 1):  # the last call only scores the end point
-                carry = step(carry, data)
-            return carry[2], carry[3]
+        return tx, step
 
-        return fit
+    # the step does not depend on the number of steps: one compiled step per (target, lr)
+    tx, step = COMPILED.get(("adam", lr) + target_key(target), build)
 
-    return COMPILED.get(("adam", steps, lr) + target_key(target), build)
+    def fit(y0, data):
+        carry = (y0, tx.init(y0), y0, jnp.full(y0.shape[:1], jnp.inf, y0.dtype))
+        for _ in range(steps + 1):  # the last call only scores the end point
+            carry = step(carry, data)
+        return carry[2], carry[3]
+
+    return fit
 
 
 def find_map(key, target: Target, *, n_starts: int = 256, n_opt: int = 16, steps: int = 1000,

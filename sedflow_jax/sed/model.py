@@ -244,6 +244,13 @@ def _phot_kernel(theta, z, tabs: Tables, cfg: ModelConfig):
 BLOCK = 256
 
 
+def _pad_last_row(a, pad: int, xp):
+    """``a`` (n, ...) with ``pad`` copies of its last row appended (``xp``: numpy or jax.numpy)."""
+    if not pad:
+        return a
+    return xp.concatenate([a, xp.repeat(a[-1:], pad, axis=0)])
+
+
 def _phot_batch(theta, z, tabs: Tables, cfg: ModelConfig):
     """Nanomaggies (n, n_filters) for theta (n, 12), z (n,): vmap in equal blocks of at most
     BLOCK galaxies. The rows are padded (with copies of the last) to a whole number of blocks:
@@ -254,9 +261,7 @@ def _phot_batch(theta, z, tabs: Tables, cfg: ModelConfig):
     nb = -(-n // BLOCK)
     b = -(-n // nb)  # <= BLOCK; pads fewer than nb rows
     pad = nb * b - n
-    if pad:
-        theta = jnp.concatenate([theta, jnp.broadcast_to(theta[-1:], (pad,) + theta.shape[1:])])
-        z = jnp.concatenate([z, jnp.broadcast_to(z[-1:], (pad,))])
+    theta, z = _pad_last_row(theta, pad, jnp), _pad_last_row(z, pad, jnp)
     out = jax.lax.map(lambda a: _phot_kernel(a[0], a[1], tabs, cfg), (theta, z), batch_size=b)
     return out[:n] if pad else out
 
@@ -474,7 +479,7 @@ class SEDModel:
         return DerivedProps(*(a.reshape(shape) for a in out))
 
 
-def bucket_rows(n: int, smallest: int = 64) -> int:
+def _bucket_rows(n: int, smallest: int = 64) -> int:
     """The row count an eager batch call of n rows is padded to: the next of 2^k and
     1.5 x 2^k, at least ``smallest`` (a bounded number of compiled shapes; < 50 % padding)."""
     b = smallest
@@ -485,15 +490,14 @@ def bucket_rows(n: int, smallest: int = 64) -> int:
 
 def _on_bucketed_rows(fn, theta, z, *args):
     """``fn(theta (n, 12), z (n,), *args)`` (per-row outputs (n, ...)) evaluated on rows padded
-    to :func:`bucket_rows` (copies of the last row), unpadded on return; traced inputs as
+    to :func:`_bucket_rows` (copies of the last row), unpadded on return; traced inputs as
     they are (the enclosing program has one shape)."""
     n = z.shape[0]
     if _is_traced(theta, z) or n == 0:
         return fn(jnp.asarray(theta), jnp.asarray(z), *args)
-    pad = bucket_rows(n) - n
-    if pad:  # numpy inputs (eager calls): padded on the host, no compiled op per shape
-        theta = np.concatenate([theta, np.repeat(theta[-1:], pad, axis=0)])
-        z = np.concatenate([z, np.repeat(z[-1:], pad)])
+    pad = _bucket_rows(n) - n
+    # numpy inputs (eager calls): padded on the host, no compiled op per shape
+    theta, z = _pad_last_row(theta, pad, np), _pad_last_row(z, pad, np)
     out = fn(jnp.asarray(theta), jnp.asarray(z), *args)
     return jax.tree_util.tree_map(lambda a: a[:n], out) if pad else out
 
