@@ -2,14 +2,19 @@
 
     python benchmarks/bench_importance.py --model sedflow_jax/data/posteriors/sdss_ugriz --n 32
 
-On ``--n`` mock galaxies drawn like the training set (prior -> photometry -> noise, the training
-cuts) and ``--n`` real SDSS galaxies of ``examples/data/sdss_main_10k.fits`` (MODELFLUX /
-MODELFLUX_IVAR, Galactic extinction corrected, 0 < z <= the prior's zmax), reports per set: the
+Four sets of ``--n`` galaxies: ``mock`` drawn like the training set (prior -> photometry ->
+noise, the training cuts; sigma as drawn); ``mock_sdss_like`` drawn as an SDSS catalog is made
+(the fitted MODELFLUX sigma without floor, plus SDSS's calibration error drawn into the flux and
+added back to sigma in quadrature, as ``infer`` does by default); ``real_sdss``: real SDSS
+galaxies of ``examples/data/sdss_main_10k.fits`` (MODELFLUX / MODELFLUX_IVAR, Galactic
+extinction corrected, 0 < z <= the prior's zmax) read as ``infer`` reads them (calibration error
+added, ``--calibration-error auto``); ``real_sdss_statistical_sigma_only``: the same galaxies
+with MODELFLUX_IVAR's sigma as given (``--calibration-error none``). Reports per set: the
 fraction of galaxies reaching ESS >= target with k-hat < 0.7, the median efficiency (ESS / N) of
 the flow alone (its own draws weighted against it) and of the final (defensive) proposal, the
 median number of draws, galaxies/s (after a warm-up call that compiles), and the median 68 %
-width of log M* of the exact (importance-resampled) vs the flow's posterior. Prints one JSON
-document (also written to ``--out``).
+width of log M* of the exact (importance-resampled) vs the flow's posterior (per galaxy as a
+figure with ``--figure``). Prints one JSON document (also written to ``--out``).
 """
 from __future__ import annotations
 
@@ -77,7 +82,35 @@ def _run(post, model, flux, sigma, z, mask, a, label):
         "median_ratio_width_exact_over_flow": float(np.nanmedian(w_exact / w_flow)),
         "reasons": {r: int(c) for r, c in zip(*np.unique([_why(r) for r in res.reason],
                                                           return_counts=True))},
+        "_widths": (w_exact, w_flow, good),  # for --figure (not written to the JSON)
     }
+
+
+def width_figure(results, path) -> None:
+    """The exact (importance-resampled) 68 % width of log M* against the flow's, per galaxy and
+    set (filled: trustworthy; open: flagged), with the 1:1 line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = [r for r in results if "_widths" in r]
+    fig, axes = plt.subplots(1, len(sets), figsize=(3.4 * len(sets), 3.4), sharex=True,
+                             sharey=True, squeeze=False)
+    for ax, r in zip(axes[0], sets):
+        we, wf, ok = r["_widths"]
+        ax.scatter(wf[ok], we[ok], s=8, c="C0", label=f"trustworthy ({ok.mean():.0%})")
+        ax.scatter(wf[~ok], we[~ok], s=10, facecolors="none", edgecolors="C3", label="flagged")
+        ax.plot([0, 1.2], [0, 1.2], "k--", lw=0.8)
+        ax.set_xlim(0, 1.0)
+        ax.set_ylim(0, 1.0)
+        ax.set_title(r["set"].replace("_", " "), fontsize=9)
+        ax.set_xlabel("flow: 68 % width of log M* [dex]")
+        ax.legend(fontsize=7, loc="upper left")
+    axes[0][0].set_ylabel("exact (IS): 68 % width of log M* [dex]")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
 
 
 def _training_noise(post, model_dir):
@@ -127,7 +160,9 @@ def calibration(post, model, a, noise):
             "coverage": table}
 
 
-def _real(post, n, path, floor_mag=None):
+def _real(post, n, path, calibration_error="auto"):
+    """The first n usable real SDSS rows, read as `infer` reads them (its default
+    --calibration-error auto adds SDSS's calibration error to MODELFLUX_IVAR's sigma)."""
     from astropy.table import Table
 
     from sedflow_jax.io.catalog import read_photometry
@@ -135,13 +170,26 @@ def _real(post, n, path, floor_mag=None):
     t = Table.read(path)
     ph = read_photometry(t, post.bands, vector_flux="MODELFLUX", vector_ivar="MODELFLUX_IVAR",
                          extinction="EXTINCTION", z_col="Z", mask_bands=post.mask_aware,
-                         z_range=(post.prior.zmin, post.prior.zmax))
+                         z_range=(post.prior.zmin, post.prior.zmax),
+                         calibration_error=calibration_error)
     rows = np.flatnonzero(ph.flag == 0)[:n]
-    flux, sigma = ph.flux[rows], ph.sigma[rows]
-    if floor_mag is not None:  # a calibration floor in quadrature (mag -> relative flux error)
-        c = np.broadcast_to(np.asarray(floor_mag, float), (flux.shape[1],))
-        sigma = np.sqrt(sigma ** 2 + (c * np.abs(flux) * np.log(10) / 2.5) ** 2)
-    return flux, sigma, ph.z[rows], ph.mask[rows]
+    return ph.flux[rows], ph.sigma[rows], ph.z[rows], ph.mask[rows]
+
+
+def _sdss_like_mocks(post, model, n, seed):
+    """Mocks as a real SDSS catalog is made: the fitted MODELFLUX noise (statistical sigma, no
+    floor) plus a real calibration error drawn into the flux (N(0, c f), c of
+    io.catalog.CALIBRATION_ERROR_MAG); sigma reported statistical only, and the calibration
+    added back in quadrature as `infer` does by default."""
+    import sedflow_jax as sj
+    from sedflow_jax.io.catalog import add_calibration_error, calibration_error_mag
+    from sedflow_jax.sed.units import MAG_PER_LN
+
+    f, s, z, m = _mocks(post, model, n, seed, sj.default_noise_model(post.bands))
+    c = calibration_error_mag(post.bands, "auto")
+    rng = np.random.default_rng(seed)
+    f = f + rng.normal(size=f.shape) * (c / MAG_PER_LN) * f
+    return f, add_calibration_error(f, s, c), z, m
 
 
 def main(argv=None):
@@ -149,7 +197,7 @@ def main(argv=None):
     ap.add_argument("--model", required=True, help="a trained posterior folder")
     ap.add_argument("--n", type=int, default=32, help="galaxies per set (mock and real)")
     ap.add_argument("--n-initial", type=int, default=2000)
-    ap.add_argument("--n-max", type=int, default=32000)
+    ap.add_argument("--n-max", type=int, default=64000)
     ap.add_argument("--target-ess", type=float, default=500.0)
     ap.add_argument("--n-out", type=int, default=1000)
     ap.add_argument("--defensive", default="default",
@@ -158,14 +206,12 @@ def main(argv=None):
     ap.add_argument("--adapt", type=int, default=None,
                     help="per-galaxy adaptation rounds (default sbi.importance.DEFAULT_ADAPT)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--real-floor", default=None,
-                    help="also run the real galaxies with a calibration floor added to their "
-                         "errors: mags per band, comma-separated (e.g. 0.05,0.02,0.02,0.02,0.03)")
     ap.add_argument("--catalog", default=str(ROOT / "examples" / "data" / "sdss_main_10k.fits"))
     ap.add_argument("--calibration", type=int, default=0,
                     help="also: coverage of the trustworthy importance posteriors on this many "
                          "training-like mocks (e.g. 300)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--figure", default=None, help="write the exact-vs-flow width figure here")
     a = ap.parse_args(argv)
     if a.adapt is None:
         from sedflow_jax.sbi.importance import DEFAULT_ADAPT
@@ -181,10 +227,9 @@ def main(argv=None):
     model = sj.load_model(filters=list(post.bands), z_max=post.prior.zmax)
     noise, floor = _training_noise(post, a.model)
     sets = {"mock": _mocks(post, model, a.n, a.seed + 100, noise),
-            "real_sdss": _real(post, a.n, a.catalog)}
-    if a.real_floor:
-        floor_mag = [float(v) for v in a.real_floor.split(",")]
-        sets["real_sdss_with_floor"] = _real(post, a.n, a.catalog, floor_mag)
+            "mock_sdss_like": _sdss_like_mocks(post, model, a.n, a.seed + 200),
+            "real_sdss": _real(post, a.n, a.catalog),
+            "real_sdss_statistical_sigma_only": _real(post, a.n, a.catalog, None)}
     f, s, z, m = sets["mock"]
     # the warm-up compiles the one block program (first and adapted rounds alike)
     warm = argparse.Namespace(**{**vars(a), "n_max": 2 * a.n_initial})
@@ -194,6 +239,10 @@ def main(argv=None):
     out = {"model": a.model, "backend": jax.default_backend(), "config": vars(a),
            "warmup_seconds": compile_s, "mock_noise_calibration_floor": floor,
            "results": [_run(post, model, *sets[k], a, k) for k in sets]}
+    if a.figure:
+        width_figure(out["results"], a.figure)
+    for r in out["results"]:
+        r.pop("_widths")
     if a.calibration:
         out["calibration"] = calibration(post, model, a, noise)
     emit_json(out, a.out)

@@ -181,3 +181,35 @@ def test_missing_bands_name_the_columns():
     with pytest.raises(C.CatalogError, match="flux_sdss_g"):
         C.read_photometry(t, UGRIZ)
     assert C.canonical_band("FUV") == "galex_fuv" and C.canonical_band("SDSS_R") == "sdss_r"
+
+
+def test_calibration_error_added_in_quadrature():
+    """calibration_error='auto' adds SDSS's calibration (Padmanabhan et al. 2008: 2 % in u,
+    1 % in griz) and GALEX's (0.05 / 0.03 mag) to sigma in quadrature; a galaxy with a
+    negligible statistical error ends with sigma / flux at those fractions; none = as given."""
+    f, iv, z = fluxes()
+    iv = iv.copy()
+    iv[0] = 1e12 / f[0] ** 2  # row 0: statistical S/N 10^6
+    t = internal_table(f, iv, z)
+    raw = C.read_photometry(t, C.NSA_BANDS)
+    np.testing.assert_array_equal(raw.sigma, 1.0 / np.sqrt(iv))
+    got = C.read_photometry(t, C.NSA_BANDS, calibration_error="auto")
+    frac = np.array([0.05, 0.03, 0.05, 0.01, 0.01, 0.01, 0.01]) * np.array(
+        [np.log(10) / 2.5, np.log(10) / 2.5, 1, 1, 1, 1, 1])  # GALEX in mag, SDSS in %
+    frac[2] = 0.02
+    np.testing.assert_allclose(got.sigma[0] / f[0], frac, rtol=2e-3)
+    np.testing.assert_allclose(got.sigma, np.sqrt(1.0 / iv + (frac * f) ** 2), rtol=2e-3)
+    np.testing.assert_array_equal(got.mask, raw.mask)  # masks use the catalog's own ivar
+    assert "calibration error added in quadrature" in got.layout
+    # one number: every band; band=mag: those bands only; none: as given
+    one = C.read_photometry(t, C.NSA_BANDS, calibration_error=0.02)
+    np.testing.assert_allclose(one.sigma, np.hypot(1.0 / np.sqrt(iv), 0.02 * f * np.log(10)
+                                                   / 2.5))
+    part = C.read_photometry(t, C.NSA_BANDS, calibration_error="u=0.03")
+    np.testing.assert_array_equal(np.delete(part.sigma, 2, 1), np.delete(raw.sigma, 2, 1))
+    assert np.all(part.sigma[:, 2] > raw.sigma[:, 2])
+    none = C.read_photometry(t, C.NSA_BANDS, calibration_error="none")
+    np.testing.assert_array_equal(none.sigma, raw.sigma)
+    for bad, msg in [(-0.01, "finite and >= 0"), ("q=0.1", "not among"), ("x", "'auto'")]:
+        with pytest.raises(C.CatalogError, match=msg):
+            C.read_photometry(t, C.NSA_BANDS, calibration_error=bad)

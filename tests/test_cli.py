@@ -75,6 +75,7 @@ def test_mcmc_command_fits_catalog_rows(tmp_path, capsys):
     assert jax.config.jax_compilation_cache_dir == (cache_before or str(tmp_path / "xla"))
     printed = capsys.readouterr().out
     assert "2/2 galaxies fit with nuts" in printed and "NUTS: 2 chains" in printed
+    assert "calibration error added in quadrature (sdss_u 0.0217" in printed  # the default
     summ = Table.read(out / "summary.ecsv")
     assert list(summ["row"]) == [0, 1] and list(summ["status"]) == ["ok", "ok"]
     assert list(summ["n_bands"]) == [4, 5]
@@ -95,6 +96,9 @@ def test_mcmc_command_fits_catalog_rows(tmp_path, capsys):
     # a NUTS-only option with an ensemble sampler is refused
     assert cli.main(argv[:6] + ["ess", "--max-tree-depth", "3", "--out", str(tmp_path / "e")]) == 2
     assert "NUTS option" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
+    assert cli.main(argv[:-2] + ["--calibration-error", "-1", "--out", str(tmp_path / "e")]) == 2
+    assert "calibration_error must be finite" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
     # some rows failed (row 2 is past the end; rows 0-1 resume): exit 0, the failures counted
     assert cli.main(argv[:4] + ["0:3"] + argv[5:] + ["--resume"]) == 0

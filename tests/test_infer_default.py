@@ -150,6 +150,40 @@ def test_infer_without_model_on_an_nsa_catalog_with_galex_gaps(shipped, tmp_path
                                   filled(Table.read(tmp_path / "rev_post.fits")["logmstar_p50"]))
 
 
+def test_infer_adds_the_calibration_error_by_default(shipped, tmp_path, capsys):
+    """`infer` adds SDSS's calibration error (2 % u, 1 % griz; Padmanabhan et al. 2008) to the
+    catalog's sigma in quadrature unless --calibration-error none: the default run on a catalog
+    with 0.2 % statistical errors equals a --calibration-error none run on the same catalog with
+    the calibration folded into its ivar by hand, and differs from the errors as given."""
+    f, _, z = photometry(3)
+    f = f[:, 2:]
+    iv = 1.0 / (0.002 * f) ** 2
+    frac = np.array([0.02, 0.01, 0.01, 0.01, 0.01])
+    cats = {"raw": iv, "folded": 1.0 / (1.0 / iv + (frac * f) ** 2)}
+    for name, ivar in cats.items():
+        t = Table({**{f"flux_{s}": f[:, j] for j, s in enumerate(SHORT[2:])},
+                   **{f"flux_ivar_{s}": ivar[:, j] for j, s in enumerate(SHORT[2:])}, "z": z})
+        t.write(tmp_path / f"{name}.fits")
+    run = {}
+    for name, flags in [("auto", []), ("none", ["--calibration-error", "none"]),
+                        ("folded", ["--calibration-error", "none"])]:
+        cat = tmp_path / ("folded.fits" if name == "folded" else "raw.fits")
+        out = tmp_path / f"post_{name}.fits"
+        assert _main(["infer", "--catalog", cat, "--out", out, *BASE, *flags]) == 0
+        printed = capsys.readouterr().out
+        assert ("calibration error added in quadrature" in printed) == (name == "auto"), printed
+        run[name] = filled(Table.read(out)["logmstar_p50"])
+    np.testing.assert_allclose(run["auto"], run["folded"], rtol=1e-6)
+    assert np.all(run["auto"] != run["none"])  # the flow sees the errors
+    # a bad value: one line, exit 2, no output
+    for bad in ("-0.01", "q=0.1"):
+        out = tmp_path / "bad.fits"
+        assert _main(["infer", "--catalog", tmp_path / "raw.fits", "--out", out, *BASE,
+                      "--calibration-error", bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "calibration_error" in err and not out.exists(), err
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_infer_without_model_no_match_is_one_line(shipped, tmp_path, capsys, stream):
     f, iv, z = photometry()

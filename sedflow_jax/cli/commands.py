@@ -14,6 +14,7 @@ from astropy.table import Table
 
 from sedflow_jax import mcmc as M
 from sedflow_jax.demo import run_demo
+from sedflow_jax.io import catalog as C
 from sedflow_jax.eval.validation import validate_posterior
 from sedflow_jax.nn import flow as F
 from sedflow_jax.nn import train as T
@@ -354,13 +355,20 @@ def cmd_mcmc(a):
     if Path(a.out).exists() and any(Path(a.out).iterdir()) and not (a.overwrite or a.resume):
         raise CLIError(f"{a.out} exists and is not empty (use --resume or --overwrite)")
     kw = mcmc_run_kw(a)
+    cal = C.calibration_error_mag(a.filters or C.SDSS_BANDS, a.calibration_error)  # checked early
     split_cpu(a)
     enable_compile_cache(a.compile_cache or default_compile_cache())
     model = get_model(None, a.filters, a.z_max) if a.filters else None
     Path(a.out).mkdir(parents=True, exist_ok=True)
     write_config(a.out, a)
     t = M.run_mcmc_catalog(a.catalog, rows, a.sampler, a.out, model=model, key=a.seed,
-                           gamma_density=a.gamma_density, resume=a.resume, **kw)
+                           gamma_density=a.gamma_density, resume=a.resume,
+                           calibration_error=a.calibration_error, **kw)
+    if cal.any():
+        bands = t.meta["bands"]
+        per_band = C.calibration_error_mag(bands, a.calibration_error)
+        print("sigma: the catalog's with a calibration error added in quadrature ("
+              + ", ".join(f"{b} {c:.3g}" for b, c in zip(bands, per_band)) + " mag)")
     n, ok = len(t), int((t["status"] == "ok").sum()) if len(t) else 0
     failed = n - ok
     where = f"{a.out}/summary.ecsv"

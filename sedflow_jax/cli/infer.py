@@ -80,6 +80,7 @@ def column_spec(a, colnames) -> C.ColumnSpec:
                         vector_flux=a.vector_flux, vector_ivar=a.vector_ivar,
                         vector_bands=getattr(a, "vector_bands", None),
                         extinction=a.extinction, snr_floor=a.snr_floor,
+                        calibration_error=a.calibration_error,
                         keep=keep_columns(a, colnames))
 
 

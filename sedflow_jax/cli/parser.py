@@ -194,10 +194,19 @@ def catalog_read_args(p):
                    "even an auto-detected MODELFLUX's EXTINCTION)")
     p.add_argument("--snr-floor", type=float, default=None, help="bands with flux*sqrt(ivar) "
                    "below this are masked (mask-aware model) or flag the row")
+    calibration_error_arg(p)
     p.add_argument("--noise-policy", default="auto", choices=["auto", "mask", "flag", "ood"],
                    help="bands outside the training (mag, sigma) support: mask the band, flag "
                         "the row (not fit), or fit it marked ood (auto: mask for mask-aware "
                         "models, else ood)")
+
+
+def calibration_error_arg(p):
+    """--calibration-error (infer and mcmc)."""
+    p.add_argument("--calibration-error", default="auto", metavar="auto|none|MAG|B=MAG,...",
+                   help="photometric calibration error [mag] added to the catalog's sigma in "
+                        "quadrature (auto: SDSS 2%% in u, 1%% in griz, Padmanabhan et al. 2008; "
+                        "GALEX 0.05 mag FUV, 0.03 mag NUV; none: the catalog's errors as given)")
 
 
 def exact_args(p):
@@ -212,7 +221,7 @@ def exact_args(p):
                    help="effective sample size to reach per galaxy (with --exact)")
     g.add_argument("--is-n-initial", type=int, default=2000,
                    help="proposal draws of the first round; doubled until the target (--exact)")
-    g.add_argument("--is-n-max", type=int, default=32000,
+    g.add_argument("--is-n-max", type=int, default=64000,  # sbi.importance.DEFAULT_N_MAX
                    help="most proposal draws per galaxy (--exact); short of the target: is_flag")
     g.add_argument("--is-adapt", type=int, default=None,
                    help="rounds of per-galaxy proposal adaptation (a Student-t refitted to the "
@@ -284,6 +293,7 @@ def add_mcmc(sub):
     p.add_argument("--samples", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--gamma-density", choices=["loguniform", "flat"], default="loguniform")
+    calibration_error_arg(p)
     p.add_argument("--max-tree-depth", type=int, default=None,
                    help="NUTS: at most 2^depth - 1 leapfrog steps per draw (default 10)")
     p.add_argument("--cpu-devices", type=int, default=None,

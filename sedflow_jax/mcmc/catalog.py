@@ -25,7 +25,7 @@ __all__ = ["run_mcmc_catalog", "summary_table"]
 _RUNNERS = {"nuts": run_nuts, "ess": run_ess, "aies": run_aies}
 
 
-def _catalog_arrays(catalog, bands, flux_fmt, ivar_fmt, z_col, id_col):
+def _catalog_arrays(catalog, bands, flux_fmt, ivar_fmt, z_col, id_col, calibration_error=None):
     """-> flux (n, b), sigma (n, b), z (n,), ids (n,) or None; NaN kept (masked per galaxy)."""
     if isinstance(catalog, (tuple, list)) and len(catalog) == 3:
         flux, sigma, z = (np.asarray(a, np.float64) for a in catalog)
@@ -43,7 +43,8 @@ def _catalog_arrays(catalog, bands, flux_fmt, ivar_fmt, z_col, id_col):
         ids = catalog.get("id")
         return flux, sigma, np.atleast_1d(np.asarray(catalog["z"], np.float64)), ids
     t = C.read_table(catalog)
-    ph = C.read_photometry(t, bands, flux_fmt=flux_fmt, ivar_fmt=ivar_fmt, z_col=z_col)
+    ph = C.read_photometry(t, bands, flux_fmt=flux_fmt, ivar_fmt=ivar_fmt, z_col=z_col,
+                           calibration_error=calibration_error)
     ids = np.asarray(t[id_col]) if id_col is not None and id_col in t.colnames else None
     return ph.flux, ph.sigma, ph.z, ids
 
@@ -252,7 +253,8 @@ def run_mcmc_catalog(catalog, rows=None, sampler: str = "nuts", out_dir=None, *,
                      init_samples=None, mask=None, fixed: Optional[dict] = None,
                      flux_fmt: str = "flux_{band}",
                      ivar_fmt: str = "flux_ivar_{band}", z_col: str = "z",
-                     id_col: Optional[str] = None, netcdf: bool = True, resume: bool = True,
+                     id_col: Optional[str] = None, calibration_error=None,
+                     netcdf: bool = True, resume: bool = True,
                      progress: bool = True, return_results: bool = False, **run_kw):
     """Fit galaxies of a catalog one by one with ``sampler``; a failure never stops the loop.
 
@@ -270,6 +272,9 @@ def run_mcmc_catalog(catalog, rows=None, sampler: str = "nuts", out_dir=None, *,
     init : 'optimize' | 'prior' | array; ``init_samples``: per-galaxy starting draws (e.g. the
         flow's posterior samples), an array (len(rows), m, 11), a dict row -> (m, 11), or a
         callable row -> (m, 11); when given it overrides ``init`` for those galaxies.
+    calibration_error : a table catalog's calibration error [mag] added to its sigma in
+        quadrature (:func:`sedflow_jax.io.catalog.read_photometry`; None: sigma as given,
+        ``'auto'``: SDSS / GALEX calibration).
     mask : (n_b,) or (n, n_b) bool band mask (False = leave out). Non-finite flux / ivar and
         ivar <= 0 are masked automatically; a galaxy with no usable band or a bad z fails.
     fixed : {sampling-coordinate name: value, or an (n,) array / column name per row} of
@@ -288,7 +293,8 @@ def run_mcmc_catalog(catalog, rows=None, sampler: str = "nuts", out_dir=None, *,
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     if not isinstance(catalog, (tuple, list, dict)):
         catalog = C.read_table(catalog)
-    read_kw = dict(flux_fmt=flux_fmt, ivar_fmt=ivar_fmt, z_col=z_col, id_col=id_col)
+    read_kw = dict(flux_fmt=flux_fmt, ivar_fmt=ivar_fmt, z_col=z_col, id_col=id_col,
+                   calibration_error=calibration_error)
     job = _make_job(catalog, sampler, model, key, mask, fixed, init, init_samples, read_kw,
                     dict(run_kw, prior=prior, gamma_density=gamma_density))
     out = Path(out_dir) if out_dir is not None else None
@@ -307,6 +313,7 @@ def run_mcmc_catalog(catalog, rows=None, sampler: str = "nuts", out_dir=None, *,
     table = summary_table(summary_rows)
     table.meta.update(sampler=sampler, gamma_density=gamma_density,
                       bands=list(job.model.filter_names),
+                      calibration_error=str(calibration_error),
                       n_ok=int(sum(r.get("status") == "ok" for r in summary_rows)),
                       n_failed=int(sum(r.get("status") == "failed" for r in summary_rows)))
     if out is not None:

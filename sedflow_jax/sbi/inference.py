@@ -133,7 +133,9 @@ def prepare_catalog(posterior, catalog, spec=None, *, noise_policy: str = "auto"
     x = to_conditioning(ph.flux, ph.sigma, ph.z)
     report = {"n_rows": int(len(ph.flag)), "reader_counts": dict(ph.counts),
               "band_counts": {b: dict(v) for b, v in ph.band_counts.items()},
-              "noise_policy": policy, "mask_aware": bool(aware), "snr_floor": spec.snr_floor}
+              "noise_policy": policy, "mask_aware": bool(aware), "snr_floor": spec.snr_floor,
+              "calibration_error_mag": dict(zip(posterior.bands, C.calibration_error_mag(
+                  posterior.bands, spec.calibration_error).tolist()))}
     mask, band_flag, flag = _support_check(posterior, x, ph, policy, min_bands, report)
     use = flag == 0
     if not aware:
