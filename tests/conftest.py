@@ -26,6 +26,32 @@ def pytest_unconfigure(config):
         shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
+#: modules with module-scoped fixtures (a trained flow, a simulated set, a subprocess run) used by
+#: several tests: under `-n 2` plain load balancing sent their tests to both workers, and each
+#: worker built the fixture (the 4 x 96 masked flow twice, ~110 s of CPU in all). Each of these
+#: runs on one worker (``--dist loadgroup``, pyproject.toml), the longest first (their measured
+#: seconds on 2 cores, longest-processing-time-first scheduling); the other tests follow in
+#: collection order and spread freely over the workers to fill the gaps.
+ONE_WORKER_MODULES = {"test_mcmc": 168, "test_parallel": 114, "test_infer_cli": 83,
+                      "test_masking": 80, "test_posterior": 60, "test_importance": 60,
+                      "test_real_data": 48, "test_train": 35, "test_theta_space": 28,
+                      "test_default_posteriors": 29, "test_parallel_cli": 24, "test_prior": 24,
+                      "test_noise_floors": 18, "test_simulation": 17, "test_infer_default": 16,
+                      "test_cli_bad_input": 16, "test_noise": 16}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups into the test ids
+def pytest_collection_modifyitems(config, items):
+    def order(item):
+        cost = ONE_WORKER_MODULES.get(item.module.__name__)
+        return (0, -cost) if cost is not None else (1, 0)
+
+    for item in items:
+        if item.module.__name__ in ONE_WORKER_MODULES:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    items.sort(key=order)  # stable: each module keeps its own order
+
+
 def canonical_prior_draws(rng, n):
     """Plain-numpy draws of the canonical PROVABGS prior (independent of sedflow_jax.prior)."""
     u = rng.uniform(size=(n, 3))
