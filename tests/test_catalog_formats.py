@@ -213,3 +213,19 @@ def test_calibration_error_added_in_quadrature():
     for bad, msg in [(-0.01, "finite and >= 0"), ("q=0.1", "not among"), ("x", "'auto'")]:
         with pytest.raises(C.CatalogError, match=msg):
             C.read_photometry(t, C.NSA_BANDS, calibration_error=bad)
+
+
+def test_mcmc_catalog_arrays_get_the_calibration_error_too():
+    """The MCMC catalog runner adds the calibration error to array catalogs as to tables."""
+    from sedflow_jax.mcmc import catalog as MC
+
+    f, iv, z = fluxes()
+    f, iv = f[:, 2:], iv[:, 2:]
+    frac = np.array([0.02, 0.01, 0.01, 0.01, 0.01])
+    want = np.sqrt(1.0 / iv + (frac * f) ** 2)
+    for cat in ((f, 1.0 / np.sqrt(iv), z), {"flux": f, "ivar": iv, "z": z}):
+        got = MC._catalog_arrays(cat, UGRIZ, "flux_{band}", "flux_ivar_{band}", "z", None,
+                                 calibration_error="auto")[1]
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+        raw = MC._catalog_arrays(cat, UGRIZ, "flux_{band}", "flux_ivar_{band}", "z", None)[1]
+        np.testing.assert_allclose(raw, 1.0 / np.sqrt(iv), rtol=1e-12)

@@ -14,8 +14,8 @@ from astropy.table import Table
 
 from sedflow_jax import mcmc as M
 from sedflow_jax.demo import run_demo
-from sedflow_jax.io import catalog as C
 from sedflow_jax.eval.validation import validate_posterior
+from sedflow_jax.io import catalog as C
 from sedflow_jax.nn import flow as F
 from sedflow_jax.nn import train as T
 from sedflow_jax.sbi.defaults import load_posterior

@@ -292,7 +292,6 @@ class ColumnSpec:
         if cal.any():
             text += "; calibration error added in quadrature (" + ", ".join(
                 f"{_short(b)} {c:.3g}" for b, c in zip(bands, cal)) + " mag)"
-
         return text + (f" ({self.note})" if self.note else "")
 
     def to_dict(self) -> dict:

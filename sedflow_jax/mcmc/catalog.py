@@ -26,11 +26,12 @@ _RUNNERS = {"nuts": run_nuts, "ess": run_ess, "aies": run_aies}
 
 
 def _catalog_arrays(catalog, bands, flux_fmt, ivar_fmt, z_col, id_col, calibration_error=None):
-    """-> flux (n, b), sigma (n, b), z (n,), ids (n,) or None; NaN kept (masked per galaxy)."""
+    """-> flux (n, b), sigma (n, b), z (n,), ids (n,) or None; NaN kept (masked per galaxy);
+    sigma with ``calibration_error`` added in quadrature (tables and arrays alike)."""
     if isinstance(catalog, (tuple, list)) and len(catalog) == 3:
         flux, sigma, z = (np.asarray(a, np.float64) for a in catalog)
-        return np.atleast_2d(flux), np.atleast_2d(sigma), np.atleast_1d(z), None
-    if isinstance(catalog, dict):
+        flux, sigma, z, ids = np.atleast_2d(flux), np.atleast_2d(sigma), np.atleast_1d(z), None
+    elif isinstance(catalog, dict):
         flux = np.atleast_2d(np.asarray(catalog["flux"], np.float64))
         if "sigma" in catalog:
             sigma = np.atleast_2d(np.asarray(catalog["sigma"], np.float64))
@@ -41,12 +42,17 @@ def _catalog_arrays(catalog, bands, flux_fmt, ivar_fmt, z_col, id_col, calibrati
         else:
             raise ValueError("an array catalog needs 'flux' and 'sigma' (or 'ivar')")
         ids = catalog.get("id")
-        return flux, sigma, np.atleast_1d(np.asarray(catalog["z"], np.float64)), ids
-    t = C.read_table(catalog)
-    ph = C.read_photometry(t, bands, flux_fmt=flux_fmt, ivar_fmt=ivar_fmt, z_col=z_col,
-                           calibration_error=calibration_error)
-    ids = np.asarray(t[id_col]) if id_col is not None and id_col in t.colnames else None
-    return ph.flux, ph.sigma, ph.z, ids
+        z = np.atleast_1d(np.asarray(catalog["z"], np.float64))
+    else:
+        t = C.read_table(catalog)
+        ph = C.read_photometry(t, bands, flux_fmt=flux_fmt, ivar_fmt=ivar_fmt, z_col=z_col,
+                               calibration_error=calibration_error)
+        ids = np.asarray(t[id_col]) if id_col is not None and id_col in t.colnames else None
+        return ph.flux, ph.sigma, ph.z, ids
+    cal = C.calibration_error_mag(bands, calibration_error)
+    if cal.any() and flux.shape[-1] == len(bands):
+        sigma = C.add_calibration_error(flux, sigma, cal)
+    return flux, sigma, z, ids
 
 
 def _row_fixed(fixed, row, catalog):
@@ -272,9 +278,9 @@ def run_mcmc_catalog(catalog, rows=None, sampler: str = "nuts", out_dir=None, *,
     init : 'optimize' | 'prior' | array; ``init_samples``: per-galaxy starting draws (e.g. the
         flow's posterior samples), an array (len(rows), m, 11), a dict row -> (m, 11), or a
         callable row -> (m, 11); when given it overrides ``init`` for those galaxies.
-    calibration_error : a table catalog's calibration error [mag] added to its sigma in
-        quadrature (:func:`sedflow_jax.io.catalog.read_photometry`; None: sigma as given,
-        ``'auto'``: SDSS / GALEX calibration).
+    calibration_error : a calibration error [mag] added to the catalog's sigma in quadrature,
+        tables and arrays alike (:func:`sedflow_jax.io.catalog.calibration_error_mag`; None:
+        sigma as given, ``'auto'``: SDSS / GALEX calibration).
     mask : (n_b,) or (n, n_b) bool band mask (False = leave out). Non-finite flux / ivar and
         ivar <= 0 are masked automatically; a galaxy with no usable band or a bad z fails.
     fixed : {sampling-coordinate name: value, or an (n,) array / column name per row} of
