@@ -128,6 +128,9 @@ CALIBRATION_ERROR_MAG = {"sdss_u": 0.02 * MAG_PER_LN,
                          "galex_fuv": 0.05, "galex_nuv": 0.03}
 
 
+_NO_CALIBRATION = ("none", "off")
+
+
 def calibration_error_mag(bands, value) -> np.ndarray:
     """Per-band calibration errors (n_b,) [mag] of ``bands`` from a ``calibration_error`` value:
     None / ``'none'`` / 0 (none), ``'auto'`` (:data:`CALIBRATION_ERROR_MAG`; 0 for a band it
@@ -135,7 +138,7 @@ def calibration_error_mag(bands, value) -> np.ndarray:
     named: 0). Raises CatalogError on a negative, non-finite or unparsable value or an unknown
     band name."""
     bands = tuple(bands)
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "off")):
+    if value is None or (isinstance(value, str) and value.strip().lower() in _NO_CALIBRATION):
         return np.zeros(len(bands))
     if isinstance(value, str) and value.strip().lower() == "auto":
         return np.asarray([CALIBRATION_ERROR_MAG.get(b, 0.0) for b in bands])
@@ -220,9 +223,11 @@ class ColumnSpec:
             if not np.isfinite(self.snr_floor):
                 raise ValueError(f"snr_floor must be a finite number, got {self.snr_floor}")
             set_(self, "snr_floor", float(self.snr_floor))
-        if isinstance(self.calibration_error, dict):
-            set_(self, "calibration_error", ",".join(f"{b}={float(v)}" for b, v in
-                                                     self.calibration_error.items()))
+        cal = self.calibration_error
+        if isinstance(cal, str) and cal.strip().lower() in _NO_CALIBRATION:
+            set_(self, "calibration_error", None)  # one spelling of "none" (and its config hash)
+        elif isinstance(cal, dict):
+            set_(self, "calibration_error", ",".join(f"{b}={float(v)}" for b, v in cal.items()))
 
     @classmethod
     def make(cls, spec: "ColumnSpec | None" = None, **kw) -> "ColumnSpec":
