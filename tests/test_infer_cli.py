@@ -140,13 +140,13 @@ def test_stream_default_chunk_rows_small_catalog(setup, monkeypatch, capsys):
     from sedflow_jax.sed.model import SEDModel
 
     seen = []
-    real = SEDModel.derived
+    real = SEDModel.derived_draws
 
     def spy(self, theta, z):
         seen.append(np.shape(theta))
         return real(self, theta, z)
 
-    monkeypatch.setattr(SEDModel, "derived", spy)
+    monkeypatch.setattr(SEDModel, "derived_draws", spy)
     t = mock_catalog()
     t.rename_columns(["flux_sdss_r", "flux_ivar_sdss_r"], ["F_r", "IV_r"])
     cat = setup["dir"] / "one_band.fits"

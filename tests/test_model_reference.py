@@ -75,11 +75,18 @@ def test_compat_bug_changes_photometry_only_where_expected():
     np.testing.assert_allclose(f1[6:], f0[6:], rtol=1e-6)
 
 
-def test_derived_agree_with_reference(model):
+@pytest.mark.parametrize("path", ["derived", "derived_draws"])
+def test_derived_agree_with_reference(model, path):
+    """Both the per-row path and the per-galaxy one (draws of a galaxy share what depends on
+    z: 4 galaxies x 5 draws here) against the NumPy reference."""
     rng = np.random.default_rng(3)
     theta = canonical_prior_draws(rng, 20)
-    zs = np.linspace(0.01, 0.3, 20)
-    d = model.derived(theta, zs)
+    zs = np.repeat(np.linspace(0.01, 0.3, 4), 5)
+    if path == "derived":
+        d = model.derived(theta, zs)
+    else:
+        d = model.derived_draws(theta.reshape(4, 5, 12), zs[::5])
+        d = type(d)(*(np.asarray(a).reshape(20) for a in d))
     for i, (t, z) in enumerate(zip(theta, zs)):
         r = ref.reference_derived(t, z)
         np.testing.assert_allclose(d.sfr_100myr[i], r["sfr_100myr"], rtol=2e-4, atol=1e-30)

@@ -576,27 +576,27 @@ def test_hosts_restart_with_another_count(model, reference, tmp_path):
 # row-keyed posterior draws
 # ---------------------------------------------------------------------------------------------
 def test_sample_rows_blocked_and_whole_calls_agree(posterior, reference, monkeypatch):
-    """On a CPU a compiled sampling call draws a few rows at a time (blocks of ~4,096 draws stay
-    in cache); on an accelerator it draws all its rows at once: the same draws either way."""
+    """On a CPU a compiled sampling call draws a few rows at a time (blocks of ~16,384 draws
+    stay in cache); on an accelerator it draws all its rows at once: the same draws either way."""
     import jax
 
     from sedflow_jax.sbi import sampling as SMP
 
-    assert SMP._rows_per_block(1000, "cpu") == 4 and SMP._rows_per_block(10, "cpu") == 256
+    assert SMP._rows_per_block(1000, "cpu") == 16 and SMP._rows_per_block(10, "cpu") == 1024
     assert SMP._rows_per_block(20_000, "cpu") == 1 and SMP._rows_per_block(1000, "gpu") is None
     assert SMP._block_for(16, 4) == 4 and SMP._block_for(24, 16) == 8
     assert SMP._block_for(3, 4) is None
-    assert SMP.RowSampler(posterior.flow, 1000).group == 64  # 65,536 draws -> 16 blocks of 4
-    key, rows = jax.random.key(3), np.arange(12)
-    ctx = posterior.context(reference.x[:12])[0]
-    blocked = SMP.RowSampler(posterior.flow, 1000)(key, rows, ctx)  # 16 rows: 4 blocks of 4
+    assert SMP.RowSampler(posterior.flow, 1000).group == 64  # 65,536 draws -> 4 blocks of 16
+    key, rows = jax.random.key(3), np.arange(24)
+    ctx = posterior.context(reference.x[:24])[0]
+    blocked = SMP.RowSampler(posterior.flow, 1000)(key, rows, ctx)  # 32 rows: 2 blocks of 16
     monkeypatch.setattr(SMP, "_rows_per_block", lambda n, backend: None)
     SMP._sample_fn.cache_clear()
     try:
         whole = SMP.RowSampler(posterior.flow, 1000)(key, rows, ctx)
     finally:
         SMP._sample_fn.cache_clear()
-    assert blocked.shape == (12, 1000, 11) and np.isfinite(blocked).all()
+    assert blocked.shape == (24, 1000, 11) and np.isfinite(blocked).all()
     assert np.std(blocked[:, :, 0], axis=1).min() > 0  # draws, not a constant
     np.testing.assert_allclose(whole, blocked, rtol=1e-5, atol=1e-4)
 

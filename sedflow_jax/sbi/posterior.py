@@ -41,11 +41,21 @@ def box_to_logit(s, low, high):
     return (np.log(p) - np.log1p(-p)).astype(np.float32)
 
 
+#: rows of a large array mapped together by :func:`logit_to_box` (float64 temporaries that stay
+#: in cache: 9.3 M x 11 draws in 2.5 s unchunked, ~4x faster in chunks)
+_LOGIT_CHUNK_ROWS = 16384
+
+
 def logit_to_box(y, low, high):
     """Inverse of :func:`box_to_logit`: y (..., d) -> low + (high - low) sigmoid(y) (float32)."""
-    y = np.asarray(y, np.float64)
-    s = low + (high - low) * (0.5 * (1.0 + np.tanh(0.5 * y)))
-    return np.clip(s, low, high).astype(np.float32)
+    y = np.asarray(y)
+    flat = y.reshape(-1, y.shape[-1]) if y.ndim else y.reshape(1, 1)
+    out = np.empty(flat.shape, np.float32)
+    for a in range(0, flat.shape[0], _LOGIT_CHUNK_ROWS):
+        c = flat[a:a + _LOGIT_CHUNK_ROWS].astype(np.float64)
+        s = low + (high - low) * (0.5 * (1.0 + np.tanh(0.5 * c)))
+        out[a:a + _LOGIT_CHUNK_ROWS] = np.clip(s, low, high)
+    return out.reshape(y.shape)
 
 
 class LogitTheta:

@@ -58,9 +58,10 @@ class Samples(NamedTuple):
 
 
 #: flow draws evaluated together inside a compiled sampling call on a CPU (on 2 cores the
-#: shipped 5 x 128 flow draws 8.1e4/s in blocks of 4,096 and 4.0e4/s in one block of 262,144);
+#: shipped 5 x 128 flow, inverted incrementally, draws 1.6e5/s in blocks of 16,384, 1.5e5/s in
+#: blocks of 8,192 and 0.9e5/s in blocks of 4,096 or 32,768: benchmarks/bench_flow_sampling.py);
 #: an accelerator evaluates a call's rows at once
-BLOCK_DRAWS = 4096
+BLOCK_DRAWS = 16384
 
 
 def _rows_per_block(n: int, backend: str) -> int | None:

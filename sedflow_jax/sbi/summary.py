@@ -14,19 +14,25 @@ __all__ = ["DERIVED", "derived_samples", "nanpercentile_rows", "summary_columns"
 def nanpercentile_rows(a, qs):
     """``np.nanpercentile(a, qs, axis=1)`` (linear interpolation) for a (m, n, p), vectorised
     (numpy's falls back to a Python loop over rows when NaNs are present)."""
-    a = np.sort(np.asarray(a, np.float64), axis=1)  # NaN last
-    k = np.isfinite(a).sum(1)  # (m, p)
+    a = np.asarray(a)
+    if a.dtype.kind != "f":
+        a = a.astype(np.float64)
+    # sorted along a contiguous last axis, in the input's precision (NaN last); the
+    # interpolation below is float64
+    a = np.ascontiguousarray(np.moveaxis(a, 1, -1))  # (m, p, n), a copy
+    a.sort(axis=-1)
+    k = np.isfinite(a).sum(-1)  # (m, p)
     out = []
     for q in qs:
         pos = (k - 1) * (q / 100.0)
         i0 = np.clip(np.floor(pos).astype(np.int64), 0, None)
         i1 = np.clip(np.ceil(pos).astype(np.int64), 0, None)
-        v0 = np.take_along_axis(a, i0[:, None, :], 1)[:, 0]
-        v1 = np.take_along_axis(a, i1[:, None, :], 1)[:, 0]
+        v0 = np.take_along_axis(a, i0[..., None], -1)[..., 0].astype(np.float64)
+        v1 = np.take_along_axis(a, i1[..., None], -1)[..., 0].astype(np.float64)
         t = pos - np.floor(pos)
         v = np.where(t >= 0.5, v1 - (v1 - v0) * (1 - t), v0 + (v1 - v0) * t)
         out.append(np.where(k > 0, v, np.nan))
-    return np.stack(out) if out else np.zeros((0,) + a.shape[:1] + a.shape[2:])
+    return np.stack(out) if out else np.zeros((0,) + a.shape[:2])
 
 
 _FILL_THETA = np.array([10.0, 1, 0, 0, 0, 0, 1.0, 1e-3, 1e-3, 0, 0, 0])
@@ -59,14 +65,14 @@ def derived_samples(model, theta, z, n_derived: int = 500, *, max_draws: int = 6
         e = min(m, s + group)
         tg = np.concatenate([th_safe[s:e], np.broadcast_to(_FILL_THETA, (group - (e - s), k, 12))])
         zg = np.concatenate([z_safe[s:e], np.full(group - (e - s), 0.5 * z_max)])
-        d = _derived_values(model, tg, np.broadcast_to(zg[:, None], (group, k)))
+        d = _derived_values(model, tg, zg)
         for name, v in d.items():
             out[name][s:e] = np.where(good[s:e], v[: e - s], np.nan)
     return out
 
 
 def _derived_values(model, theta, z) -> dict:
-    d = model.derived(theta, z)
+    d = model.derived_draws(theta, z)
     with np.errstate(divide="ignore", invalid="ignore"):
         return {
             "logmstar_surviving": np.asarray(d.logmstar_surviving, float),

@@ -188,17 +188,36 @@ class _Parts(NamedTuple):
     dl_mpc: jnp.ndarray
 
 
-def _parts(theta, z, nmf: sfh.NMFBases, cfg: ModelConfig) -> _Parts:
-    t_age = cosmology.age_gyr(z)
-    layout = sfh.bin_layout(t_age)
-    w = sfh.nmf_mass_fractions(theta[1:5], layout, nmf)
+class _ZParts(NamedTuple):
+    """What depends on the redshift only (shared by every draw of one galaxy)."""
+
+    layout: sfh.BinLayout
+    mass_per_beta: jnp.ndarray  # (4, 42) mass of each SFH basis formed in each bin
+    z_nodes: jnp.ndarray  # (2, 42) the metallicity bases at the bin centres
+    dl_mpc: jnp.ndarray
+
+
+def _z_parts(z, nmf: sfh.NMFBases) -> _ZParts:
+    layout = sfh.bin_layout(cosmology.age_gyr(z))
+    return _ZParts(layout, sfh.nmf_bin_masses(layout, nmf),
+                   sfh.metallicity_bases(layout.centres, nmf), cosmology.lum_dist_mpc(z))
+
+
+def _theta_parts(theta, zp: _ZParts, nmf: sfh.NMFBases, cfg: ModelConfig) -> _Parts:
+    layout = zp.layout
+    m = theta[1:5] @ zp.mass_per_beta
+    w = m / jnp.sum(m)
     gamma = theta[7:9]
-    Zk = sfh.metallicity(layout.centres, gamma, nmf, cfg.z_clip)
+    Zk = jnp.clip(gamma @ zp.z_nodes, cfg.z_clip[0], cfg.z_clip[1])
     tb = theta[6]
     Zb = sfh.metallicity(tb, gamma, nmf, cfg.z_clip)
-    t_cut = sfh.last_bin_centre(layout) if cfg.burst_compat_bug else t_age
+    t_cut = sfh.last_bin_centre(layout) if cfg.burst_compat_bug else layout.t_age
     return _Parts(theta[0], theta[5], tb, layout, w, Zk, Zb,
-                  (tb < t_cut).astype(theta.dtype), cosmology.lum_dist_mpc(z))
+                  (tb < t_cut).astype(theta.dtype), zp.dl_mpc)
+
+
+def _parts(theta, z, nmf: sfh.NMFBases, cfg: ModelConfig) -> _Parts:
+    return _theta_parts(theta, _z_parts(z, nmf), nmf, cfg)
 
 
 def _rest_lum(theta, P: _Parts, T: SSPTables, cfg: ModelConfig):
@@ -339,7 +358,18 @@ def _sed_kernel(theta, z, tabs: Tables, full: SSPTables, cfg: ModelConfig, lsun_
 
 
 def _derived_kernel(theta, z, tabs: Tables, cfg: ModelConfig):
-    P = _parts(theta, z, tabs.nmf, cfg)
+    return _derived_from_parts(_parts(theta, z, tabs.nmf, cfg), tabs, cfg)
+
+
+def _derived_draws_kernel(theta, z, tabs: Tables, cfg: ModelConfig):
+    """Derived properties of k draws theta (k, 12) of one galaxy at redshift z: the redshift's
+    part computed once, then each draw (the values of :func:`_derived_kernel`)."""
+    zp = _z_parts(z, tabs.nmf)
+    return jax.vmap(lambda t: _derived_from_parts(_theta_parts(t, zp, tabs.nmf, cfg), tabs,
+                                                  cfg))(theta)
+
+
+def _derived_from_parts(P: _Parts, tabs: Tables, cfg: ModelConfig) -> "DerivedProps":
     lay = P.layout
     mass = 10.0 ** P.logm
     # SFH path: the burst counts only if it happened after the Big Bang (spec §3.4)
@@ -411,6 +441,8 @@ class SEDModel:
         self._phot_fn = _phot_fn(self.tables, cfg)
         self._derived_batch = jax.jit(jax.vmap(
             functools.partial(_derived_kernel, cfg=cfg), in_axes=(0, 0, None)))
+        self._derived_draws = jax.jit(jax.vmap(
+            functools.partial(_derived_draws_kernel, cfg=cfg), in_axes=(0, 0, None)))
 
     def __repr__(self):
         return (f"SEDModel(grid={self.grid.name!r}, filters={self.filter_names}, "
@@ -477,6 +509,20 @@ class SEDModel:
         th, zz, shape = self._prepare(theta, z)
         out = _on_bucketed_rows(self._derived_batch, th, zz, self.tables)
         return DerivedProps(*(a.reshape(shape) for a in out))
+
+    def derived_draws(self, theta, z) -> DerivedProps:
+        """Derived properties of k draws of each of m galaxies: theta (m, k, 12), z (m,) ->
+        :class:`DerivedProps` of shape (m, k) each. The values of :meth:`derived` with z
+        broadcast over the draws, ~2x faster: what depends on z is computed once per galaxy.
+        One compiled program per (m, k)."""
+        th = np.asarray(theta, dtype=float)
+        zz = np.asarray(z, dtype=float)
+        if th.ndim != 3 or th.shape[-1] != N_PARAMS or zz.shape != th.shape[:1]:
+            raise ModelInputError(f"theta must be (m, k, {N_PARAMS}) and z (m,); got {th.shape} "
+                                  f"and {zz.shape}")
+        check_inputs(th, zz[:, None], self.config.z_max)
+        return DerivedProps(*self._derived_draws(th.astype(self.dtype), zz.astype(self.dtype),
+                                                 self.tables))
 
 
 def _bucket_rows(n: int, smallest: int = 64) -> int:

@@ -126,17 +126,25 @@ def nmf_mass_fractions(beta, layout: BinLayout, bases: NMFBases):
 
     beta : (4,). Returns (42,) summing to 1 (zero-width bins get 0).
     """
-    c_lo = cumulative_integral(layout.edges_lo, bases)  # (4, 42)
-    c_hi = cumulative_integral(layout.edges_hi, bases)
-    m = beta @ (c_hi - c_lo)
+    m = beta @ nmf_bin_masses(layout, bases)
     return m / jnp.sum(m)
+
+
+def nmf_bin_masses(layout: BinLayout, bases: NMFBases):
+    """(4, 42) integral of each SFH basis over each bin (depends on the redshift only)."""
+    return (cumulative_integral(layout.edges_hi, bases)
+            - cumulative_integral(layout.edges_lo, bases))
 
 
 def metallicity(t, gamma, bases: NMFBases, z_clip=(Z_MIN, Z_MAX)):
     """NMF metallicity history Z(t) = clip(gamma1 z1(t) + gamma2 z2(t)) (absolute Z). t: (...,)."""
-    zt = interp_extrap(t, bases.t, bases.zh)  # (2, ...)
-    z = jnp.tensordot(gamma, zt, axes=1)
+    z = jnp.tensordot(gamma, metallicity_bases(t, bases), axes=1)
     return jnp.clip(z, z_clip[0], z_clip[1])
+
+
+def metallicity_bases(t, bases: NMFBases):
+    """(2, ...) the two NMF metallicity bases at lookback times t (...,) [Gyr]."""
+    return interp_extrap(t, bases.t, bases.zh)
 
 
 def burst_bin_onehot(tburst, layout: BinLayout):
