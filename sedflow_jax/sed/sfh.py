@@ -126,7 +126,12 @@ def nmf_mass_fractions(beta, layout: BinLayout, bases: NMFBases):
 
     beta : (4,). Returns (42,) summing to 1 (zero-width bins get 0).
     """
-    m = beta @ nmf_bin_masses(layout, bases)
+    return mass_fractions(beta, nmf_bin_masses(layout, bases))
+
+
+def mass_fractions(beta, bin_masses):
+    """(42,) mass fractions of the SFH beta (4,) from :func:`nmf_bin_masses` (4, 42)."""
+    m = beta @ bin_masses
     return m / jnp.sum(m)
 
 
@@ -138,8 +143,12 @@ def nmf_bin_masses(layout: BinLayout, bases: NMFBases):
 
 def metallicity(t, gamma, bases: NMFBases, z_clip=(Z_MIN, Z_MAX)):
     """NMF metallicity history Z(t) = clip(gamma1 z1(t) + gamma2 z2(t)) (absolute Z). t: (...,)."""
-    z = jnp.tensordot(gamma, metallicity_bases(t, bases), axes=1)
-    return jnp.clip(z, z_clip[0], z_clip[1])
+    return metallicity_from_bases(gamma, metallicity_bases(t, bases), z_clip)
+
+
+def metallicity_from_bases(gamma, zt, z_clip=(Z_MIN, Z_MAX)):
+    """clip(gamma1 z1 + gamma2 z2) for the bases zt (2, ...) of :func:`metallicity_bases`."""
+    return jnp.clip(jnp.tensordot(gamma, zt, axes=1), z_clip[0], z_clip[1])
 
 
 def metallicity_bases(t, bases: NMFBases):
