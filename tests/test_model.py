@@ -242,6 +242,35 @@ def test_grad_through_vmapped_kernel(small):
     np.testing.assert_allclose(jf, r["jf_old"], rtol=1e-5, atol=1e-6 * float(jnp.abs(jf).max()))
 
 
+def test_photometry_kernel_takes_the_tables_as_an_argument(small):
+    """photometry_kernel() is photometry_fn() with the tables as an argument: the same values
+    (= model.photometry), the blocked vmap, the plain kernel's gradient; and a program built
+    from it holds no copy of the tables, which the closure's program embeds as constants."""
+    rng = np.random.default_rng(29)
+    th = jnp.asarray(_safe_theta(rng, 6), jnp.float32)
+    zs = jnp.asarray(rng.uniform(0.02, 0.3, 6), jnp.float32)
+    k, f = small.photometry_kernel(), small.photometry_fn()
+    assert small.photometry_kernel() is k
+    vk = jax.vmap(k, in_axes=(0, 0, None))
+
+    @jax.jit
+    def prog(th, zs, tables):
+        loss = lambda t: jnp.sum(jnp.log(vk(t, zs, tables)))  # noqa: E731
+        plain = lambda t: jnp.sum(jnp.log(jax.vmap(_plain_kernel(small))(t, zs)))  # noqa: E731
+        return vk(th, zs, tables), jax.grad(loss)(th), jax.grad(plain)(th)
+
+    val, g, g_plain = prog(th, zs, small.tables)
+    np.testing.assert_allclose(val, small.photometry(np.asarray(th), np.asarray(zs)), rtol=1e-5)
+    np.testing.assert_allclose(g, g_plain, rtol=1e-5, atol=1e-6 * float(jnp.abs(g_plain).max()))
+    n = 40 * M.BLOCK + 3  # the blocked scan (see test_vmapped_kernel_uses_the_blocked_path)
+    big = jax.make_jaxpr(vk)(jnp.broadcast_to(th[0], (n, 12)), jnp.full((n,), 0.1), small.tables)
+    assert re.search(r"length=41\b", str(big))
+    table_bytes = sum(np.asarray(a).nbytes for a in jax.tree_util.tree_leaves(small.tables))
+    text_arg = len(jax.jit(vk).lower(th, zs, small.tables).as_text())
+    text_closure = len(jax.jit(jax.vmap(f)).lower(th, zs).as_text())
+    assert text_closure > table_bytes > 10 * text_arg, (text_closure, table_bytes, text_arg)
+
+
 def _safe_theta(rng, n):
     """Prior draws kept away from the kinks (metallicity clip, burst at t_age)."""
     th = canonical_prior_draws(rng, n)

@@ -43,19 +43,19 @@ _GALAXY_FNS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def galaxy_log_density(model, prior: P.Prior, gamma_density: str):
-    """``f(x (11,), data) -> log prior + log likelihood`` (data from :func:`galaxy_data`),
-    one function per (model, prior, gamma_density)."""
+    """``f(x (11,), data) -> log prior + log likelihood`` (data from :func:`galaxy_data`
+    plus ``'tables'``: ``model.tables``), one function per (model, prior, gamma_density)."""
     per_model = _GALAXY_FNS.setdefault(model, {})
     key = (prior, gamma_density)
     if key in per_model:
         return per_model[key]
-    phot = model.photometry_fn()
+    phot = model.photometry_kernel()
     lo, hi = (np.asarray(a, np.float32) for a in P.sampling_bounds(prior))
 
     def log_density(x, data):
         xc = jnp.clip(x, lo, hi)
         lp = P.log_prob_sampling(prior, x, gamma_density)  # -inf outside the box
-        pred = phot(P.from_sampling(xc), data["z"])
+        pred = phot(P.from_sampling(xc), data["z"], data["tables"])
         return lp + L.log_likelihood(pred, data)
 
     per_model[key] = log_density
@@ -99,7 +99,9 @@ def galaxy_target(model, flux, sigma=None, z=None, *, mask=None, cov=None,
     nb = len(model.filter_names)
     if np.shape(flux) != (nb,):
         raise ValueError(f"flux must have shape ({nb},) in the band order {model.filter_names}")
-    data = galaxy_data(flux, sigma, z, mask=mask, cov=cov, z_max=model.config.z_max)
+    # the model's tables travel with the data (traced arguments, not constants of the program)
+    data = dict(galaxy_data(flux, sigma, z, mask=mask, cov=cov, z_max=model.config.z_max),
+                tables=model.tables)
     lo, hi = (np.asarray(a, np.float64) for a in P.sampling_bounds(prior, jnp.float32))
 
     def prior_sample(key, n):

@@ -281,7 +281,8 @@ def _student_t_log_prob(y, mu, chol, df):
     return norm - 0.5 * (df + d) * jnp.log1p(q / df)
 
 
-def _task_log_weights(flow, phot, cfg, key, comp, log_frac, row, block, ctx, data, mu, chol):
+def _task_log_weights(flow, phot, tables, cfg, key, comp, log_frac, row, block, ctx, data, mu,
+                      chol):
     """Draws, their base coordinates and log weights of one (galaxy, block) task. Every draw
     belongs to the component ``comp`` (n,) names: 0 the flow pushing the galaxy's Student-t in
     base space forward (mu, chol), 1 the flow, 2 the widened flow, 3 the prior; ``log_frac``
@@ -314,7 +315,8 @@ def _task_log_weights(flow, phot, cfg, key, comp, log_frac, row, block, ctx, dat
     else:
         s = y
     lp = P.log_prob_sampling(prior, s, gamma_density)
-    pred = jax.vmap(phot, in_axes=(0, None))(P.from_sampling(jnp.clip(s, lo, hi)), data["z"])
+    pred = jax.vmap(phot, in_axes=(0, None, None))(P.from_sampling(jnp.clip(s, lo, hi)),
+                                                   data["z"], tables)
     ll = jax.vmap(lik.log_likelihood, in_axes=(0, None))(pred, data)
     # the prior component is drawn from the sampled (log-uniform gamma) prior, whatever the
     # target's gamma density
@@ -331,8 +333,9 @@ def _task_log_weights(flow, phot, cfg, key, comp, log_frac, row, block, ctx, dat
 @functools.lru_cache(maxsize=8)
 def _block_fn(graphdef, phot, cfg):
     def body(state, key, comp, log_frac, rows, blocks, ctx, data, mu, chol):
-        flow = nnx.merge(graphdef, state)
-        one = functools.partial(_task_log_weights, flow, phot, cfg, key, comp, log_frac)
+        flow_state, tables = state  # the SED tables as an argument: no 40 MB constant to compile
+        flow = nnx.merge(graphdef, flow_state)
+        one = functools.partial(_task_log_weights, flow, phot, tables, cfg, key, comp, log_frac)
         return jax.vmap(one)(rows, blocks, ctx, data, mu, chol)
 
     return jax.jit(body)
@@ -484,7 +487,7 @@ def _fill(out: dict, i: int, lw, lwf, s, rng, target_ess: float, n_out: int,
 class _Compiled(NamedTuple):
     """What one :func:`sample_exact` call runs: the compiled block function, the layouts of the
     first (defensive mixture) and the adapted proposal (None without adaptation), the flow
-    state, the typed key and its data, and the flow draws per first-round block."""
+    state with the SED model's tables, the typed key and its data, and the flow draws per first-round block."""
 
     fn: object
     first: _Layout
@@ -511,11 +514,11 @@ def _setup(posterior, model, key, n_initial, defensive, widen, gamma_density,
     cfg = (n0, float(widen), posterior.prior, gamma_density, posterior.theta_space == "logit",
            ADAPT_DF)
     graphdef, state = nnx.split(posterior.flow)
-    fn = _get_block_fn(graphdef, model.photometry_fn(), cfg)
+    fn = _get_block_fn(graphdef, model.photometry_kernel(), cfg)
     first = _layout((0,) + _mix_counts(n0, defensive))
     adapted = _layout(_adapted_counts(n0, defensive)) if adapt else None
     _, kdata, _, key = key_parts(as_key(key))
-    return _Compiled(fn, first, adapted, state, key, kdata, first.counts[1])
+    return _Compiled(fn, first, adapted, (state, model.tables), key, kdata, first.counts[1])
 
 
 def proposal_block(posterior, key, model, flux, sigma, z, *, mask=None, n: int = 2000,
