@@ -487,7 +487,8 @@ def _fill(out: dict, i: int, lw, lwf, s, rng, target_ess: float, n_out: int,
 class _Compiled(NamedTuple):
     """What one :func:`sample_exact` call runs: the compiled block function, the layouts of the
     first (defensive mixture) and the adapted proposal (None without adaptation), the flow
-    state with the SED model's tables, the typed key and its data, and the flow draws per first-round block."""
+    state with the SED model's tables, the typed key and its data, and the flow draws per
+    first-round block."""
 
     fn: object
     first: _Layout

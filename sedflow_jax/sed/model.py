@@ -327,10 +327,12 @@ def _blocked_rows(cfg: ModelConfig):
     return rows
 
 
+def _is_symbolic_zero(t) -> bool:
+    return isinstance(t, SymbolicZero)
+
+
 def _zero_if_symbolic(t):
-    if isinstance(t, SymbolicZero):
-        return jnp.zeros(t.shape, t.dtype)
-    return t
+    return jnp.zeros(t.shape, t.dtype) if _is_symbolic_zero(t) else t
 
 
 def _phot_kernel_fn(cfg: ModelConfig):
@@ -369,10 +371,10 @@ def _phot_kernel_fn(cfg: ModelConfig):
         theta, z, tabs = primals
         t_theta, t_z, t_tabs = tangents
         t_theta, t_z = _zero_if_symbolic(t_theta), _zero_if_symbolic(t_z)
-        is_zero = lambda t: isinstance(t, SymbolicZero)  # noqa: E731
-        if all(map(is_zero, jax.tree_util.tree_leaves(t_tabs, is_leaf=is_zero))):
+        tab_leaves = jax.tree_util.tree_leaves(t_tabs, is_leaf=_is_symbolic_zero)
+        if all(map(_is_symbolic_zero, tab_leaves)):  # the usual case: no tangent for the tables
             return jax.jvp(lambda a, b: plain(a, b, tabs), (theta, z), (t_theta, t_z))
-        t_tabs = jax.tree_util.tree_map(_zero_if_symbolic, t_tabs, is_leaf=is_zero)
+        t_tabs = jax.tree_util.tree_map(_zero_if_symbolic, t_tabs, is_leaf=_is_symbolic_zero)
         return jax.jvp(plain, primals, (t_theta, t_z, t_tabs))
 
     f.defjvp(_f_jvp, symbolic_zeros=True)
