@@ -7,8 +7,9 @@ compiled function (the suite is compile-bound on 2 CPU cores).
 Each worker appends to ``$PROF_OUT`` (default ``compile_profile.tsv``) one row per test:
 node id, wall s, process CPU s, backend compile s, jaxpr trace s, MLIR lowering s, number of
 compilations; and to ``$PROF_OUT.fun`` the compile seconds and count per compiled function
-name (``jit(body)``, ``jit(_fori_collect_loop)``, ...). Subprocesses that tests start are not
-counted. It reads JAX's monitoring events (``jax.monitoring``), so it changes nothing it
+name (``jit(body)``, ``jit(_fori_collect_loop)``, ...); and to ``$PROF_OUT.testfun`` the same per
+test (node id, compile s, count, function name): which programs a slow test compiles.
+Subprocesses that tests start are not counted. It reads JAX's monitoring events (``jax.monitoring``), so it changes nothing it
 measures.
 """
 import collections
@@ -25,6 +26,8 @@ _seconds = collections.Counter()
 _counts = collections.Counter()
 _fun_seconds = collections.Counter()
 _fun_counts = collections.Counter()
+_test_fun = collections.defaultdict(lambda: [0.0, 0])  # (node id, function) -> [s, n]
+_current = [None]  # the running test's node id
 _rows = []
 _registered = []
 
@@ -35,6 +38,9 @@ def _listener(event, duration, **kw):
     if event == COMPILE:
         _fun_seconds[kw.get("fun_name")] += duration
         _fun_counts[kw.get("fun_name")] += 1
+        entry = _test_fun[(_current[0], kw.get("fun_name"))]
+        entry[0] += duration
+        entry[1] += 1
 
 
 def _register():
@@ -48,6 +54,7 @@ def _register():
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     _register()
+    _current[0] = item.nodeid
     before, n_before = dict(_seconds), _counts[COMPILE]
     t0, c0 = time.perf_counter(), time.process_time()
     yield
@@ -66,3 +73,6 @@ def pytest_sessionfinish(session):
     with open(out + ".fun", "a") as f:
         for name, s in _fun_seconds.most_common():
             f.write("%.2f\t%d\t%s\n" % (s, _fun_counts[name], name))
+    with open(out + ".testfun", "a") as f:
+        for (test, name), (s, n) in sorted(_test_fun.items(), key=lambda kv: -kv[1][0]):
+            f.write("%s\t%.2f\t%d\t%s\n" % (test, s, n, name))
