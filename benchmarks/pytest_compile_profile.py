@@ -7,10 +7,10 @@ compiled function (the suite is compile-bound on 2 CPU cores).
 Each worker appends to ``$PROF_OUT`` (default ``compile_profile.tsv``) one row per test:
 node id, wall s, process CPU s, backend compile s, jaxpr trace s, MLIR lowering s, number of
 compilations; and to ``$PROF_OUT.fun`` the compile seconds and count per compiled function
-name (``jit(body)``, ``jit(_fori_collect_loop)``, ...); and to ``$PROF_OUT.testfun`` the same per
-test (node id, compile s, count, function name): which programs a slow test compiles.
-Subprocesses that tests start are not counted. It reads JAX's monitoring events (``jax.monitoring``), so it changes nothing it
-measures.
+name (``jit(body)``, ``jit(_fori_collect_loop)``, ...); and to ``$PROF_OUT.testfun`` the same
+per test (node id, compile s, count, function name): which programs a slow test compiles.
+Subprocesses that tests start are not counted. It reads JAX's monitoring events
+(``jax.monitoring``), so it changes nothing it measures.
 """
 import collections
 import os
@@ -24,8 +24,6 @@ LOWER = "/jax/core/compile/jaxpr_to_mlir_module_duration"
 
 _seconds = collections.Counter()
 _counts = collections.Counter()
-_fun_seconds = collections.Counter()
-_fun_counts = collections.Counter()
 _test_fun = collections.defaultdict(lambda: [0.0, 0])  # (node id, function) -> [s, n]
 _current = [None]  # the running test's node id
 _rows = []
@@ -36,8 +34,6 @@ def _listener(event, duration, **kw):
     _seconds[event] += duration
     _counts[event] += 1
     if event == COMPILE:
-        _fun_seconds[kw.get("fun_name")] += duration
-        _fun_counts[kw.get("fun_name")] += 1
         entry = _test_fun[(_current[0], kw.get("fun_name"))]
         entry[0] += duration
         entry[1] += 1
@@ -70,9 +66,13 @@ def pytest_sessionfinish(session):
     with open(out, "a") as f:
         for r in _rows:
             f.write("%s\t%.1f\t%.1f\t%.1f\t%.1f\t%.1f\t%d\n" % r)
+    per_fun = collections.defaultdict(lambda: [0.0, 0])  # function -> [s, n], all tests
+    for (_, name), (s, n) in _test_fun.items():
+        per_fun[name][0] += s
+        per_fun[name][1] += n
     with open(out + ".fun", "a") as f:
-        for name, s in _fun_seconds.most_common():
-            f.write("%.2f\t%d\t%s\n" % (s, _fun_counts[name], name))
+        for name, (s, n) in sorted(per_fun.items(), key=lambda kv: -kv[1][0]):
+            f.write("%.2f\t%d\t%s\n" % (s, n, name))
     with open(out + ".testfun", "a") as f:
         for (test, name), (s, n) in sorted(_test_fun.items(), key=lambda kv: -kv[1][0]):
             f.write("%s\t%.2f\t%d\t%s\n" % (test, s, n, name))
